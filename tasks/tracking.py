@@ -1,0 +1,185 @@
+"""MLflow: where runs go, one run per trial, the best run's test metrics and its registration.
+
+All writes go through an explicit `MlflowClient` with explicit run ids: no global active run that
+could be left RUNNING, and (from the Ray driver) a single writer process for a SQLite store.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+DEFAULT_STORE_DIR = "mlruns"
+TAG_SESSION = "tagifai.tuning_session"
+TAG_TRIAL = "tagifai.trial_id"
+TAG_BEST = "tagifai.best"
+CHECKPOINT_ARTIFACT = "checkpoint"
+CHAMPION_ALIAS = "champion"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message says why and what to do."""
+
+
+def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns (created here)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = Path(DEFAULT_STORE_DIR).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def local_artifact_root(tracking_uri: str) -> Optional[str]:
+    """For a local SQLite store, artifacts live beside the database; servers choose their own."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail before any training when an MLflow server does not answer."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as error:
+        if error.code < 500:  # it answered: a proxy or auth layer may not expose /health
+            return
+        reason = f"HTTP {error.code}"
+    except (urllib.error.URLError, TimeoutError, OSError) as error:
+        reason = str(getattr(error, "reason", error))
+    raise TrackingError(
+        f"MLflow tracking server {tracking_uri} is not reachable ({reason}); start it "
+        "(mlflow server --host 127.0.0.1 --port 5000) or pass a reachable --tracking-uri"
+    )
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=local_artifact_root(tracking_uri))
+    except MlflowException:  # created meanwhile by a concurrent flow
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def with_retries(action, attempts: int = 5, wait_s: float = 0.5):
+    """Run `action()`, retrying MLflow errors such as SQLite's 'database is locked'."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(wait_s * (attempt + 1))
+
+
+def start_trial_run(client: MlflowClient, experiment_id: str, session: str, trial_id: str, params: dict) -> str:
+    """A run for one attempt of one trial; earlier attempts still RUNNING are marked FAILED."""
+    for stale in find_runs(client, experiment_id, session, trial_id, status="RUNNING"):
+        client.set_terminated(stale.info.run_id, status="FAILED")
+    run = client.create_run(
+        experiment_id,
+        run_name=f"trial-{trial_id}",
+        tags={TAG_SESSION: session, TAG_TRIAL: trial_id},
+    )
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+    return run.info.run_id
+
+
+def log_epoch(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> None:
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if isinstance(v, (int, float))]
+    with_retries(lambda: client.log_batch(run_id, metrics=batch))
+
+
+def find_runs(client: MlflowClient, experiment_id: str, session: str, trial_id: str | None = None, status=None):
+    query = f"tags.`{TAG_SESSION}` = '{session}'"
+    if trial_id is not None:
+        query += f" AND tags.`{TAG_TRIAL}` = '{trial_id}'"
+    if status is not None:
+        query += f" AND attributes.status = '{status}'"
+    return client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+
+
+def close_session_runs(client: MlflowClient, experiment_id: str, session: str, status: str = "KILLED") -> int:
+    """Mark every run of a tuning session still RUNNING as ended (flow failure or kill)."""
+    stale = find_runs(client, experiment_id, session, status="RUNNING")
+    for run in stale:
+        with_retries(lambda run=run: client.set_terminated(run.info.run_id, status=status))
+    return len(stale)
+
+
+def log_checkpoint(client: MlflowClient, run_id: str, checkpoint_dir: Path) -> None:
+    with_retries(lambda: client.log_artifacts(run_id, str(checkpoint_dir), artifact_path=CHECKPOINT_ARTIFACT))
+
+
+def mark_best(client: MlflowClient, run_id: str, test_metrics: dict) -> None:
+    metrics = [Metric(f"test_{k}", float(test_metrics[k]), int(time.time() * 1000), 0) for k in ("precision", "recall", "f1")]
+    with_retries(lambda: client.log_batch(run_id, metrics=metrics, tags=[RunTag(TAG_BEST, "true")]))
+
+
+def register_best(client: MlflowClient, model_name: str, run_id: str, alias: str = CHAMPION_ALIAS) -> str:
+    """Register the run's checkpoint as a new model version and point `alias` at it."""
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as error:
+        if "already exists" not in str(error).lower() and error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + CHECKPOINT_ARTIFACT
+    version = client.create_model_version(model_name, source=source, run_id=run_id)
+    client.set_registered_model_alias(model_name, alias, version.version)
+    return version.version
+
+
+def best_run_id(client: MlflowClient, experiment_name: str) -> str:
+    """The experiment's finished run with the lowest best_val_loss that has a checkpoint."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise TrackingError(
+            f"no MLflow experiment named {experiment_name!r}; train one first: "
+            f"python -m flows.tune --experiment-name {experiment_name}"
+        )
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="attributes.status = 'FINISHED' AND metrics.best_val_loss > -1",
+        order_by=["metrics.best_val_loss ASC"],
+        max_results=20,
+    )
+    for run in runs:
+        if client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT):
+            return run.info.run_id
+    raise TrackingError(
+        f"experiment {experiment_name!r} has no finished run with a checkpoint; train one first: "
+        f"python -m flows.tune --experiment-name {experiment_name}"
+    )
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, destination: Optional[Path] = None) -> Path:
+    """The run's checkpoint as a local folder (a copy for remote stores)."""
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"MLflow run {run_id!r} does not exist in {client.tracking_uri}") from None
+    destination = destination or Path(tempfile.mkdtemp(prefix="tagifai-checkpoint-"))
+    try:
+        local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(destination))
+    except (MlflowException, OSError) as error:
+        raise TrackingError(f"run {run_id} has no readable checkpoint artifact: {error}") from None
+    return Path(local)

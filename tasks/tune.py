@@ -1,0 +1,240 @@
+"""Ray Tune edge: HyperOpt search under a concurrency limit, ASHA pruning, MLflow per trial.
+
+The trial is a function trainable around `train.train_classifier`; the tokenized data reaches it
+through the object store once (`tune.with_parameters`). MLflow is written from the driver by
+`TrialTracker`, so a local SQLite store has a single writer however many trials run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.hyperopt import HyperOptSearch
+
+from tasks import tracking
+from tasks.settings import TuneSettings
+from tasks.train import TokenizedData, train_classifier
+
+logger = logging.getLogger(__name__)
+
+METRIC, MODE = "val_loss", "min"
+COMPLETE_MARKER = "tuning_complete.json"
+SEARCH_SPACE = {
+    "dropout_p": tune.uniform(0.3, 0.9),
+    "lr": tune.loguniform(1e-5, 5e-4),
+    "lr_factor": tune.uniform(0.1, 0.9),
+    "lr_patience": tune.uniform(1, 10),
+}
+
+
+class ResourceError(RuntimeError):
+    """A trial asks for more than the Ray cluster has: it would stay PENDING forever."""
+
+
+def run_trial(config: dict, data: TokenizedData, num_epochs: int, batch_size: int, seed: int) -> None:
+    """One trial: threads matched to its CPUs, resumed from its checkpoint when retried."""
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
+    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+
+    def report(metrics: dict, save) -> None:
+        if save is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="tagifai-ckpt-") as folder:
+            save(Path(folder))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        train_classifier(config, data, num_epochs, batch_size, report, seed=seed, device=device)
+    else:
+        with checkpoint.as_directory() as folder:
+            train_classifier(config, data, num_epochs, batch_size, report, seed=seed, device=device,
+                             resume_from=Path(folder))
+
+
+class TrialTracker(tune.Callback):
+    """One MLflow run per trial attempt: parameters at start, metrics per epoch, final status."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, session: str):
+        self.tracking_uri, self.experiment_id, self.session = tracking_uri, experiment_id, session
+        self._client: Optional[MlflowClient] = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self):  # Ray pickles callbacks into its experiment state; clients do not pickle
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "session": self.session}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._runs[trial.trial_id] = tracking.start_trial_run(
+            self.client, self.experiment_id, self.session, trial.trial_id, trial.config
+        )
+
+    on_trial_restore = on_trial_start
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._runs.get(trial.trial_id)
+        if run_id is not None:
+            keys = ("lr", "train_loss", "val_loss", "val_f1", "epoch_time_s")
+            tracking.log_epoch(self.client, run_id, {k: result[k] for k in keys if k in result}, result["epoch"])
+
+    def _end(self, trial, status: str) -> None:
+        run_id = self._runs.pop(trial.trial_id, None)
+        if run_id is not None:
+            tracking.with_retries(lambda: self.client.set_terminated(run_id, status=status))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "FINISHED")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
+
+
+def connect_ray(settings: TuneSettings) -> bool:
+    """Join $RAY_ADDRESS's cluster if set, else start a local one; True if we started it."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        logger.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return False
+    # A small object store is plenty: the shared data is a few MB of token ids.
+    ray.init(include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=True)
+    return True
+
+
+def check_resources(settings: TuneSettings) -> None:
+    available = ray.cluster_resources()
+    for name, asked in (("CPU", settings.cpu_per_worker), ("GPU", settings.gpu_per_worker)):
+        have = available.get(name, 0.0)
+        if asked > have:
+            raise ResourceError(
+                f"each trial asks for {asked:g} {name} but the Ray cluster has {have:g}; "
+                f"lower --{name.lower()}-per-worker (trials would wait forever)"
+            )
+
+
+def experiment_dir(storage: Path, settings: TuneSettings, data_fingerprint: str) -> Path:
+    """A stable folder per (data, settings): an interrupted run resumes, a finished one is not reused."""
+    relevant = settings.model_dump(exclude={"results_fp", "tracking_uri", "storage_path"})
+    key = hashlib.sha256(json.dumps([relevant, data_fingerprint], sort_keys=True, default=str).encode()).hexdigest()
+    base = f"{settings.experiment_name}-{key[:10]}"
+    attempt = 1
+    while (storage / f"{base}-{attempt}" / COMPLETE_MARKER).exists():
+        attempt += 1
+    return storage / f"{base}-{attempt}"
+
+
+def _trainable(data: TokenizedData, settings: TuneSettings):
+    trainable = tune.with_parameters(
+        run_trial, data=data, num_epochs=settings.num_epochs, batch_size=settings.batch_size, seed=settings.seed
+    )
+    return tune.with_resources(trainable, {"cpu": settings.cpu_per_worker, "gpu": settings.gpu_per_worker})
+
+
+def build_tuner(data: TokenizedData, settings: TuneSettings, path: Path, tracker: TrialTracker) -> tune.Tuner:
+    if tune.Tuner.can_restore(str(path)):
+        logger.info("resuming the interrupted Ray Tune experiment in %s", path)
+        return tune.Tuner.restore(
+            str(path), _trainable(data, settings), resume_unfinished=True, resume_errored=True
+        )
+    search = HyperOptSearch(
+        points_to_evaluate=settings.initial_params, metric=METRIC, mode=MODE, random_state_seed=settings.seed
+    )
+    scheduler = AsyncHyperBandScheduler(
+        time_attr="epoch", max_t=settings.num_epochs, grace_period=settings.grace_period
+    )
+    return tune.Tuner(
+        _trainable(data, settings),
+        param_space=SEARCH_SPACE,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=ConcurrencyLimiter(search, max_concurrent=settings.max_concurrent),
+            scheduler=scheduler,
+            num_samples=settings.num_runs,
+        ),
+        run_config=tune.RunConfig(
+            name=path.name,
+            storage_path=str(path.parent),
+            callbacks=[tracker],
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+            ),
+            failure_config=tune.FailureConfig(max_failures=2),
+            verbose=1,
+        ),
+    )
+
+
+def summarize_results(results, num_epochs: int) -> list[dict]:
+    """One row per trial: its best val_loss, epochs run, status and best checkpoint folder."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        has_history = history is not None and METRIC in history
+        best = result.get_best_checkpoint(METRIC, MODE) if has_history else None
+        epochs = int(history["epoch"].max()) if has_history else 0
+        status = "error" if result.error else ("completed" if epochs >= num_epochs else "pruned")
+        rows.append({
+            "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+            "params": {k: float(v) for k, v in result.config.items()},
+            "val_loss": float(history[METRIC].min()) if has_history else None,
+            "val_f1": float(history.loc[history[METRIC].idxmin(), "val_f1"]) if has_history else None,
+            "epochs": epochs,
+            "status": status,
+            "checkpoint_dir": best.path if best is not None else None,
+        })
+    return rows
+
+
+def tune_hyperparameters(
+    data: TokenizedData, settings: TuneSettings, tracking_uri: str, experiment_id: str, data_fingerprint: str
+) -> list[dict]:
+    """Run (or resume) the study; every trial ends with an MLflow run holding its best checkpoint."""
+    storage = Path(settings.storage_path).resolve()
+    path = experiment_dir(storage, settings, data_fingerprint)
+    client = MlflowClient(tracking_uri)
+    started_ray = connect_ray(settings)
+    try:
+        check_resources(settings)
+        tracker = TrialTracker(tracking_uri, experiment_id, session=path.name)
+        results = build_tuner(data, settings, path, tracker).fit()
+    finally:
+        tracking.close_session_runs(client, experiment_id, path.name)
+        if started_ray:
+            ray.shutdown()
+
+    rows = summarize_results(results, settings.num_epochs)
+    for row in rows:
+        runs = tracking.find_runs(client, experiment_id, path.name, row["trial_id"])
+        row["run_id"] = runs[0].info.run_id if runs else None
+        if row["run_id"] and row["checkpoint_dir"]:
+            tracking.log_checkpoint(client, row["run_id"], Path(row["checkpoint_dir"]))
+            tracking.log_epoch(client, row["run_id"], {"best_val_loss": row["val_loss"]}, row["epochs"])
+    (path / COMPLETE_MARKER).write_text(json.dumps(rows, indent=2, default=str))
+    return rows
