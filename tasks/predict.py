@@ -39,3 +39,16 @@ class Predictor:
             }
             for row in probabilities
         ]
+
+
+def load_run_predictor(
+    tracking_uri: str, run_id: str | None = None, experiment_name: str = "tagifai"
+) -> tuple[Predictor, str]:
+    """The predictor of `run_id`, or of the experiment's best run; and the run id used."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+
+    client = MlflowClient(tracking_uri)
+    run_id = run_id or tracking.best_run_id(client, experiment_name)
+    return Predictor(tracking.download_checkpoint(client, run_id)), run_id

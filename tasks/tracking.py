@@ -183,3 +183,11 @@ def download_checkpoint(client: MlflowClient, run_id: str, destination: Optional
     except (MlflowException, OSError) as error:
         raise TrackingError(f"run {run_id} has no readable checkpoint artifact: {error}") from None
     return Path(local)
+
+
+def champion_run_id(client: MlflowClient, model_name: str, alias: str = CHAMPION_ALIAS) -> Optional[str]:
+    """The run behind the registered model's alias, or None when nothing is registered."""
+    try:
+        return client.get_model_version_by_alias(model_name, alias).run_id
+    except MlflowException:
+        return None

@@ -1,0 +1,51 @@
+"""Evaluate any MLflow run's checkpoint on any labelled CSV.
+
+    python -m flows.evaluate --run-id RUN --dataset-loc data.csv --results-fp metrics.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows.tune import USER_ERRORS, load_data
+from tasks import tracking
+from tasks.evaluate import evaluate_frame
+from tasks.predict import load_run_predictor
+from tasks.settings import EvaluateSettings, parse_settings
+
+
+@flow(name="evaluate-classifier")
+def evaluate_classifier(settings: EvaluateSettings) -> dict:
+    """Weighted and per-class precision, recall and F1 of a run's checkpoint on a labelled dataset."""
+    logger = get_run_logger()
+    tracking_uri = tracking.resolve_tracking_uri(settings.tracking_uri)
+    tracking.check_reachable(tracking_uri)
+    data = load_data(settings.dataset_loc)
+    predictor, run_id = load_run_predictor(tracking_uri, settings.run_id)
+    metrics = evaluate_frame(predictor, data.frame)
+    result = {"run_id": run_id, "dataset_loc": data.source, "test": metrics}
+    if settings.results_fp:
+        Path(settings.results_fp).parent.mkdir(parents=True, exist_ok=True)
+        Path(settings.results_fp).write_text(json.dumps(result, indent=2))
+    logger.info("run %s on %s: F1 %.3f over %d rows", run_id, data.source, metrics["f1"], metrics["num_samples"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    settings = parse_settings(
+        EvaluateSettings, argv, prog="python -m flows.evaluate", description=evaluate_classifier.description or ""
+    )
+    try:
+        result = evaluate_classifier(settings)
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
+    print(json.dumps(result["test"], indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,81 @@
+"""Shared fixtures: an isolated Prefect home, a tiny random BERT, and one tiny tuning run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+TINY_TAGS = ["computer-vision", "mlops", "natural-language-processing", "other"]
+
+
+def pytest_configure(config):
+    # Before any test imports Prefect: a private Prefect home per session (database, cached
+    # results), so concurrent test sessions never share a SQLite file, and no analytics.
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+def make_tiny_backbone(folder: Path) -> Path:
+    """A randomly initialised 2-layer, 32-wide BERT with the default backbone's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from tasks.model import resolve_backbone
+    from tasks.settings import DEFAULT_BACKBONE
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(DEFAULT_BACKBONE))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def tiny_settings(workdir: Path, backbone: Path, **overrides):
+    from tasks.settings import TuneSettings
+
+    values = dict(
+        experiment_name="tiny",
+        model=str(backbone),
+        num_runs=2,
+        num_epochs=2,
+        batch_size=16,
+        max_concurrent=2,
+        initial_params=[{"dropout_p": 0.3, "lr": 5e-4, "lr_factor": 0.8, "lr_patience": 3}],
+        tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
+        storage_path=str(workdir / "ray_results"),
+        results_fp=str(workdir / "results.json"),
+    )
+    values.update(overrides)
+    (workdir / "mlruns").mkdir(parents=True, exist_ok=True)
+    return TuneSettings(**values)
+
+
+@pytest.fixture(scope="session")
+def tuned_store(tmp_path_factory, tiny_backbone):
+    """One real tiny tuning run (Prefect + Ray Tune + MLflow) that several tests read."""
+    from flows.tune import tune_classifier
+
+    workdir = tmp_path_factory.mktemp("tuned")
+    settings = tiny_settings(workdir, tiny_backbone)
+    summary = tune_classifier(settings)
+    return {"workdir": workdir, "settings": settings, "summary": summary}
