@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.tune import USER_ERRORS, load_data
+from flows.tune import USER_ERRORS, command_line_run, load_data
 from tasks import tracking
 from tasks.evaluate import evaluate_frame
 from tasks.predict import load_run_predictor
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
         EvaluateSettings, argv, prog="python -m flows.evaluate", description=evaluate_classifier.description or ""
     )
     try:
-        result = evaluate_classifier(settings)
+        with command_line_run():
+            result = evaluate_classifier(settings)
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")
     print(json.dumps(result["test"], indent=2))

@@ -9,8 +9,10 @@ retries by resuming its Ray Tune experiment from storage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.settings import temporary_settings
 
 from tasks import tracking
 from tasks.data import DataError, LoadedData, SourceUnavailableError, Splits, load_dataset, read_source_bytes, split_dataset
@@ -26,19 +29,51 @@ from tasks.evaluate import evaluate_frame
 from tasks.predict import Predictor
 from tasks.settings import TuneSettings, parse_settings
 from tasks.train import TokenizedData, tokenize_splits
-from tasks.model import ModelError
+from tasks.model import ModelError, check_backbone
 from tasks.tune import ResourceError, tune_hyperparameters
 
 # Errors whose message already says what is wrong and what to do: no traceback for these.
 USER_ERRORS = (DataError, ModelError, tracking.TrackingError, ResourceError)
 
+# For command-line runs without a Prefect server: the temporary server Prefect starts can take
+# over its 20 s default to come up on a busy 2-core machine, and it cannot phone home offline.
+CLI_PREFECT_DEFAULTS = {"server.ephemeral.startup_timeout_seconds": 180, "server.analytics_enabled": False}
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed run with its traceback; for a user error the message is the answer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def command_line_run():
+    """Prefect defaults for runs started from a terminal, user errors shown without tracebacks."""
+    quiet = _HideUserErrorTracebacks()
+    run_loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for run_logger in run_loggers:
+        run_logger.addFilter(quiet)
+    try:
+        with temporary_settings(set_defaults=CLI_PREFECT_DEFAULTS):
+            yield
+    finally:
+        for run_logger in run_loggers:
+            run_logger.removeFilter(quiet)
+
 
 def _source_key(context, parameters) -> str:
     """Cache key of a data source: its content hash for a file, the URL itself for a URL."""
     loc = parameters.get("loc")
+    labelled = parameters.get("labelled", True)
     if loc is None or str(loc).startswith(("http://", "https://")):
-        return f"{loc}|labelled={parameters.get('labelled', True)}"
-    return hashlib.sha256(read_source_bytes(str(loc))).hexdigest()
+        return f"{loc}|labelled={labelled}"
+    try:
+        return f"{hashlib.sha256(read_source_bytes(str(loc))).hexdigest()}|labelled={labelled}"
+    except DataError:  # unreadable: the task itself reports why; a failed run caches nothing
+        return f"unreadable|{loc}"
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -129,9 +164,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     logger = get_run_logger()
     tracking_uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tracking.check_reachable(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    experiment_id = tracking.get_or_create_experiment(client, settings.experiment_name, tracking_uri)
-    logger.info("MLflow: %s (experiment %r)", tracking_uri, settings.experiment_name)
+    check_backbone(settings.model)
 
     cached = {}
     state = load_data(settings.dataset_loc, return_state=True)
@@ -151,6 +184,10 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     state = tokenize_data(splits, data_key, settings.model, settings.max_length, return_state=True)
     tokenized, cached["tokenize"] = state.result(), state.name == "Cached"
     logger.info("cached steps reused: %s", [name for name, hit in cached.items() if hit] or "none")
+
+    # The store is written only once the inputs are known to be good: bad data leaves no trace.
+    experiment_id = tracking.get_or_create_experiment(MlflowClient(tracking_uri), settings.experiment_name, tracking_uri)
+    logger.info("MLflow: %s (experiment %r)", tracking_uri, settings.experiment_name)
 
     logger.info("tuning: %d trials x up to %d epochs", settings.num_runs, settings.num_epochs)
     trials = tune_task(tokenized, settings, tracking_uri, experiment_id, data_key)
@@ -191,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         TuneSettings, argv, prog="python -m flows.tune", description=tune_classifier.description or ""
     )
     try:
-        summary = tune_classifier(settings)
+        with command_line_run():
+            summary = tune_classifier(settings)
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")
     print(json.dumps({k: summary[k] for k in ("run_id", "params", "val_loss", "test")}, indent=2))

@@ -49,11 +49,11 @@ def sample_dataset_path() -> Path:
     return Path(str(resources.files("tasks").joinpath("sample_projects.csv")))
 
 
-def read_source_bytes(loc: str, timeout_s: float = URL_TIMEOUT_S) -> bytes:
+def read_source_bytes(loc: str) -> bytes:
     """The raw bytes of a local file or an http(s) URL."""
     if loc.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(loc, timeout=timeout_s) as response:
+            with urllib.request.urlopen(loc, timeout=URL_TIMEOUT_S) as response:
                 return response.read()
         except urllib.error.HTTPError as error:
             kind = SourceUnavailableError if error.code >= 500 else DataError

@@ -75,6 +75,21 @@ def load_backbone(name: str, trust_remote_code: bool = False) -> nn.Module:
         ) from None
 
 
+def check_backbone(name: str) -> None:
+    """Fail before any training when `name` is not a loadable transformers encoder."""
+    source = resolve_backbone(name)
+    try:
+        AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(
+            f"{name!r} is not a transformers model ({error}). "
+            f"Pass a Hugging Face model id, a local model folder, or the default {DEFAULT_BACKBONE}"
+        ) from None
+    folder = Path(source)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelError(f"model folder {folder} has a config but no weights (*.safetensors or *.bin)")
+
+
 class TextClassifier(nn.Module):
     """Encoder → mean pooling → dropout → linear.
 

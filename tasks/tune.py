@@ -7,13 +7,15 @@ through the object store once (`tune.with_parameters`). MLflow is written from t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import ray
 import torch
@@ -138,15 +140,31 @@ def check_resources(settings: TuneSettings) -> None:
             )
 
 
-def experiment_dir(storage: Path, settings: TuneSettings, data_fingerprint: str) -> Path:
-    """A stable folder per (data, settings): an interrupted run resumes, a finished one is not reused."""
+@contextlib.contextmanager
+def claim_experiment_dir(storage: Path, settings: TuneSettings, data_fingerprint: str) -> Iterator[Path]:
+    """A stable folder per (data, settings), locked while in use.
+
+    An interrupted run leaves its folder unfinished and unlocked, so the same command resumes it;
+    a finished folder (marker file) or one locked by a concurrent flow is skipped for the next.
+    The OS drops the lock when its process dies, even by SIGKILL.
+    """
     relevant = settings.model_dump(exclude={"results_fp", "tracking_uri", "storage_path"})
     key = hashlib.sha256(json.dumps([relevant, data_fingerprint], sort_keys=True, default=str).encode()).hexdigest()
     base = f"{settings.experiment_name}-{key[:10]}"
-    attempt = 1
-    while (storage / f"{base}-{attempt}" / COMPLETE_MARKER).exists():
+    storage.mkdir(parents=True, exist_ok=True)
+    attempt = 0
+    while True:
         attempt += 1
-    return storage / f"{base}-{attempt}"
+        path = storage / f"{base}-{attempt}"
+        if (path / COMPLETE_MARKER).exists():
+            continue
+        with open(storage / f".{path.name}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            yield path
+            return
 
 
 def _trainable(data: TokenizedData, settings: TuneSettings):
@@ -216,25 +234,24 @@ def tune_hyperparameters(
     data: TokenizedData, settings: TuneSettings, tracking_uri: str, experiment_id: str, data_fingerprint: str
 ) -> list[dict]:
     """Run (or resume) the study; every trial ends with an MLflow run holding its best checkpoint."""
-    storage = Path(settings.storage_path).resolve()
-    path = experiment_dir(storage, settings, data_fingerprint)
     client = MlflowClient(tracking_uri)
-    started_ray = connect_ray(settings)
-    try:
-        check_resources(settings)
-        tracker = TrialTracker(tracking_uri, experiment_id, session=path.name)
-        results = build_tuner(data, settings, path, tracker).fit()
-    finally:
-        tracking.close_session_runs(client, experiment_id, path.name)
-        if started_ray:
-            ray.shutdown()
+    with claim_experiment_dir(Path(settings.storage_path).resolve(), settings, data_fingerprint) as path:
+        started_ray = connect_ray(settings)
+        try:
+            check_resources(settings)
+            tracker = TrialTracker(tracking_uri, experiment_id, session=path.name)
+            results = build_tuner(data, settings, path, tracker).fit()
+        finally:
+            tracking.close_session_runs(client, experiment_id, path.name)
+            if started_ray:
+                ray.shutdown()
 
-    rows = summarize_results(results, settings.num_epochs)
-    for row in rows:
-        runs = tracking.find_runs(client, experiment_id, path.name, row["trial_id"])
-        row["run_id"] = runs[0].info.run_id if runs else None
-        if row["run_id"] and row["checkpoint_dir"]:
-            tracking.log_checkpoint(client, row["run_id"], Path(row["checkpoint_dir"]))
-            tracking.log_epoch(client, row["run_id"], {"best_val_loss": row["val_loss"]}, row["epochs"])
-    (path / COMPLETE_MARKER).write_text(json.dumps(rows, indent=2, default=str))
+        rows = summarize_results(results, settings.num_epochs)
+        for row in rows:
+            runs = tracking.find_runs(client, experiment_id, path.name, row["trial_id"])
+            row["run_id"] = runs[0].info.run_id if runs else None
+            if row["run_id"] and row["checkpoint_dir"]:
+                tracking.log_checkpoint(client, row["run_id"], Path(row["checkpoint_dir"]))
+                tracking.log_epoch(client, row["run_id"], {"best_val_loss": row["val_loss"]}, row["epochs"])
+        (path / COMPLETE_MARKER).write_text(json.dumps(rows, indent=2, default=str))
     return rows
