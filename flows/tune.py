@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.settings import temporary_settings
 
-from tasks import tracking
+from tasks import plots, tracking
 from tasks.data import DataError, LoadedData, SourceUnavailableError, Splits, load_dataset, read_source_bytes, split_dataset
 from tasks.evaluate import evaluate_frame
 from tasks.predict import Predictor
@@ -124,6 +125,25 @@ def evaluate_task(checkpoint_dir: str, splits: Splits) -> dict:
     return evaluate_frame(Predictor(Path(checkpoint_dir)), splits.test)
 
 
+@task(name="plot-results")
+def plot_task(tracking_uri: str, best: dict, trials: list[dict], test_metrics: dict) -> dict:
+    """Plots and the full evaluation logged to the best run; returns the plots' artifact URIs."""
+    client = MlflowClient(tracking_uri)
+    histories = {t["trial_id"]: tracking.metric_histories(client, t["run_id"]) for t in trials if t["run_id"]}
+    with tempfile.TemporaryDirectory(prefix="tagifai-plots-") as folder:
+        folder = Path(folder)
+        confusion = test_metrics["confusion_matrix"]
+        plots.plot_confusion_matrix(confusion["matrix"], confusion["labels"], folder / "confusion_matrix.png")
+        plots.plot_per_class_f1(test_metrics["per_class"], folder / "per_class_f1.png")
+        plots.plot_parallel_coordinates(trials, best["trial_id"], folder / "parallel_coordinates.png")
+        plots.plot_learning_curves(histories, best["trial_id"], folder / "learning_curves.png")
+        names = sorted(path.name for path in folder.glob("*.png"))
+        tracking.log_files(client, best["run_id"], folder, "plots")
+    client.log_dict(best["run_id"], test_metrics, "evaluation.json")
+    base = client.get_run(best["run_id"]).info.artifact_uri.rstrip("/")
+    return {name.removesuffix(".png"): f"{base}/plots/{name}" for name in names}
+
+
 @task(name="register-best")
 def register_task(tracking_uri: str, model_name: str, run_id: str, test_metrics: dict) -> str:
     client = MlflowClient(tracking_uri)
@@ -143,6 +163,11 @@ def _publish_artifacts(summary: dict) -> None:
         for tag, m in test["per_class"].items()
     )
     params = "\n".join(f"- `{k}`: {v:.4g}" for k, v in summary["params"].items())
+    slices = "\n".join(
+        f"| {name} | {m['num_samples']} | " + (f"{m['f1']:.3f} |" if m["num_samples"] else "- |")
+        for name, m in test["slices"].items()
+    )
+    plot_links = "\n".join(f"- {name}: `{uri}`" for name, uri in summary["plots"].items())
     create_markdown_artifact(
         key="best-run",
         description="Best run of this tuning run",
@@ -153,7 +178,9 @@ def _publish_artifacts(summary: dict) -> None:
             f"Validation loss {summary['val_loss']:.4f}\n\n## Parameters\n{params}\n\n"
             f"## Test metrics (weighted)\nprecision {test['precision']:.3f}, recall {test['recall']:.3f}, "
             f"**F1 {test['f1']:.3f}** on {test['num_samples']} examples\n\n"
-            f"| tag | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n"
+            f"| tag | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n\n"
+            f"## Slices\n| slice | rows | F1 |\n|---|---|---|\n{slices}\n\n"
+            f"## Plots (MLflow artifacts of the best run)\n{plot_links}\n"
         ),
     )
 
@@ -190,7 +217,10 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     logger.info("MLflow: %s (experiment %r)", tracking_uri, settings.experiment_name)
 
     logger.info("tuning: %d trials x up to %d epochs", settings.num_runs, settings.num_epochs)
-    trials = tune_task(tokenized, settings, tracking_uri, experiment_id, data_key)
+    study = tune_task(tokenized, settings, tracking_uri, experiment_id, data_key)
+    if study["resumed"]:
+        logger.info("resumed the interrupted Ray Tune experiment in %s", study["experiment_dir"])
+    trials = study["trials"]
     finished = [t for t in trials if t["checkpoint_dir"] and t["run_id"]]
     if not finished:
         raise RuntimeError("no trial produced a checkpoint; see the Ray Tune errors above")
@@ -199,6 +229,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     logger.info("evaluating the best trial %s on %d test rows", best["trial_id"], len(splits.test))
     test_metrics = evaluate_task(best["checkpoint_dir"], splits)
     version = register_task(tracking_uri, settings.registered_model_name, best["run_id"], test_metrics)
+    plot_uris = plot_task(tracking_uri, best, trials, test_metrics)
 
     summary = {
         "run_id": best["run_id"],
@@ -210,7 +241,10 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
         "val_loss": best["val_loss"],
         "test": test_metrics,
         "trials": [{k: v for k, v in t.items() if k != "checkpoint_dir"} for t in trials],
+        "plots": plot_uris,
         "cached": cached,
+        "ray_experiment_dir": study["experiment_dir"],
+        "resumed": study["resumed"],
     }
     _publish_artifacts(summary)
     if settings.results_fp:

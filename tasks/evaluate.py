@@ -1,14 +1,25 @@
-"""Test metrics: weighted precision, recall and F1 overall, and the same per class."""
+"""Test metrics users can act on: overall and per-class scores, a confusion matrix, named slices
+of the data where models tend to fail, and each tag's hardest examples."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
-from sklearn.metrics import precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from tasks.data import clean_text
 from tasks.predict import Predictor
+
+SHORT_TEXT_WORDS = 5  # cleaned words; titles-only listings are the usual case
+VISION_TERMS = {"image", "images", "video", "videos", "vision", "visual", "pixel", "pixels", "camera",
+                "photo", "photos", "detection", "segmentation", "cnn", "yolo", "ocr"}
+LANGUAGE_TERMS = {"text", "texts", "language", "languages", "nlp", "sentence", "sentences", "word", "words",
+                  "translation", "caption", "captions", "captioning", "token", "tokens", "bert", "llm", "question"}
+HARDEST_PER_TAG = 3
 
 
 def classification_metrics(true_tags: list[str], predicted_tags: list[str], classes: list[str]) -> dict:
+    """Weighted precision, recall, F1 and the same per class (with support)."""
     precision, recall, f1, _ = precision_recall_fscore_support(
         true_tags, predicted_tags, labels=classes, average="weighted", zero_division=0
     )
@@ -32,8 +43,59 @@ def classification_metrics(true_tags: list[str], predicted_tags: list[str], clas
     }
 
 
+def slice_masks(texts: list[str]) -> dict[str, np.ndarray]:
+    """Boolean masks of the named slices over cleaned texts."""
+    words = [set(text.split()) for text in texts]
+    return {
+        f"short_text_under_{SHORT_TEXT_WORDS}_words": np.array([len(text.split()) < SHORT_TEXT_WORDS for text in texts]),
+        "mentions_vision_and_language": np.array([bool(w & VISION_TERMS) and bool(w & LANGUAGE_TERMS) for w in words]),
+    }
+
+
+def hardest_examples(frame: pd.DataFrame, probabilities: np.ndarray, classes: list[str], k: int) -> dict:
+    """Per true tag, the k examples given the lowest probability of their own tag."""
+    index = {tag: i for i, tag in enumerate(classes)}
+    own = probabilities[np.arange(len(frame)), [index[tag] for tag in frame["tag"]]]
+    hardest = {}
+    for tag in classes:
+        rows = np.flatnonzero((frame["tag"] == tag).to_numpy())
+        hardest[tag] = [
+            {
+                "title": frame["title"].iloc[i],
+                "description": frame["description"].iloc[i],
+                "predicted": classes[int(probabilities[i].argmax())],
+                "probability_of_true_tag": float(own[i]),
+                "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probabilities[i])},
+            }
+            for i in rows[np.argsort(own[rows], kind="stable")][:k]
+        ]
+    return hardest
+
+
+def evaluation_report(frame: pd.DataFrame, probabilities: np.ndarray, classes: list[str]) -> dict:
+    """Everything `evaluate_frame` reports, from probabilities (testable without a model)."""
+    true_tags = list(frame["tag"])
+    predicted = [classes[i] for i in probabilities.argmax(axis=1)]
+    report = classification_metrics(true_tags, predicted, classes)
+    report["confusion_matrix"] = {
+        "labels": classes,  # rows: true tag, columns: predicted tag
+        "matrix": confusion_matrix(true_tags, predicted, labels=classes).tolist(),
+    }
+    texts = [clean_text(f"{t} {d}") for t, d in zip(frame["title"], frame["description"])]
+    report["slices"] = {}
+    for name, mask in slice_masks(texts).items():
+        chosen = np.flatnonzero(mask)
+        if len(chosen) == 0:
+            report["slices"][name] = {"num_samples": 0}
+            continue
+        sliced = classification_metrics([true_tags[i] for i in chosen], [predicted[i] for i in chosen], classes)
+        report["slices"][name] = {k: sliced[k] for k in ("precision", "recall", "f1", "num_samples")}
+    report["hardest_examples"] = hardest_examples(frame, probabilities, classes, HARDEST_PER_TAG)
+    return report
+
+
 def evaluate_frame(predictor: Predictor, frame: pd.DataFrame) -> dict:
-    """Metrics of the predictor on a labelled frame; tags the model never saw are an error."""
+    """The evaluation report of the predictor on a labelled frame; unseen tags are an error."""
     unseen = sorted(set(frame["tag"]) - set(predictor.classes))
     if unseen:
         raise ValueError(
@@ -41,5 +103,4 @@ def evaluate_frame(predictor: Predictor, frame: pd.DataFrame) -> dict:
             f"the model knows {predictor.classes}"
         )
     probabilities = predictor.predict_proba(list(frame["title"]), list(frame["description"]))
-    predicted = [predictor.classes[i] for i in probabilities.argmax(axis=1)]
-    return classification_metrics(list(frame["tag"]), predicted, predictor.classes)
+    return evaluation_report(frame, probabilities, predictor.classes)

@@ -6,6 +6,7 @@ could be left RUNNING, and (from the Ray driver) a single writer process for a S
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 import time
@@ -31,13 +32,25 @@ class TrackingError(RuntimeError):
 
 
 def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
-    """Explicit URI, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns (created here)."""
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns; a SQLite store
+    is created (safely) here."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    store = Path(DEFAULT_STORE_DIR).resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    if not uri:
+        uri = f"sqlite:///{Path(DEFAULT_STORE_DIR).resolve() / 'mlflow.db'}"
+    prepare_sqlite_store(uri)
+    return uri
+
+
+def prepare_sqlite_store(tracking_uri: str) -> None:
+    """Open a SQLite store once under a file lock: MLflow's schema migration fails ("duplicate
+    column") when two processes open a brand-new database at the same moment."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.parent / f".{database.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
 def local_artifact_root(tracking_uri: str) -> Optional[str]:
@@ -127,7 +140,7 @@ def close_session_runs(client: MlflowClient, experiment_id: str, session: str, s
 
 
 def log_checkpoint(client: MlflowClient, run_id: str, checkpoint_dir: Path) -> None:
-    with_retries(lambda: client.log_artifacts(run_id, str(checkpoint_dir), artifact_path=CHECKPOINT_ARTIFACT))
+    log_files(client, run_id, checkpoint_dir, CHECKPOINT_ARTIFACT)
 
 
 def mark_best(client: MlflowClient, run_id: str, test_metrics: dict) -> None:
@@ -191,3 +204,14 @@ def champion_run_id(client: MlflowClient, model_name: str, alias: str = CHAMPION
         return client.get_model_version_by_alias(model_name, alias).run_id
     except MlflowException:
         return None
+
+
+def metric_histories(client: MlflowClient, run_id: str, keys=("train_loss", "val_loss", "val_f1")) -> dict:
+    """Per-epoch metric values of one run: {"epoch": [...], key: [...]} in epoch order."""
+    by_key = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in keys}
+    epochs = sorted(set().union(*(values.keys() for values in by_key.values())))
+    return {"epoch": epochs, **{key: [by_key[key].get(e) for e in epochs] for key in keys}}
+
+
+def log_files(client: MlflowClient, run_id: str, folder: Path, artifact_path: str) -> None:
+    with_retries(lambda: client.log_artifacts(run_id, str(folder), artifact_path=artifact_path))

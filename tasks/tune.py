@@ -45,6 +45,22 @@ class ResourceError(RuntimeError):
     """A trial asks for more than the Ray cluster has: it would stay PENDING forever."""
 
 
+# Fault injection for the test suite, unset in normal use: "<epoch>:<folder>" makes each trial raise
+# once just before reporting that epoch, so Tune's retry and the resume from checkpoint run for real.
+INJECT_FAULT_ENV = "TAGIFAI_INJECT_FAULT"
+
+
+def _maybe_inject_fault(epoch: int) -> None:
+    spec = os.environ.get(INJECT_FAULT_ENV)
+    if not spec:
+        return
+    fault_epoch, folder = spec.split(":", 1)
+    marker = Path(folder) / tune.get_context().get_trial_id()
+    if epoch == int(fault_epoch) and not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"injected fault at epoch {epoch} ({INJECT_FAULT_ENV})")
+
+
 def run_trial(config: dict, data: TokenizedData, num_epochs: int, batch_size: int, seed: int) -> None:
     """One trial: threads matched to its CPUs, resumed from its checkpoint when retried."""
     assigned = ray.get_runtime_context().get_assigned_resources()
@@ -52,6 +68,7 @@ def run_trial(config: dict, data: TokenizedData, num_epochs: int, batch_size: in
     device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
 
     def report(metrics: dict, save) -> None:
+        _maybe_inject_fault(metrics["epoch"])
         if save is None:
             tune.report(metrics)
             return
@@ -124,8 +141,9 @@ def connect_ray(settings: TuneSettings) -> bool:
         logger.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return False
-    # A small object store is plenty: the shared data is a few MB of token ids.
-    ray.init(include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=True)
+    # A small object store is plenty: the shared data is a few MB of token ids. address="local":
+    # without it, ray.init() joins a cluster that `ray start` left on this machine, and fails there.
+    ray.init(address="local", include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=True)
     return True
 
 
@@ -174,9 +192,10 @@ def _trainable(data: TokenizedData, settings: TuneSettings):
     return tune.with_resources(trainable, {"cpu": settings.cpu_per_worker, "gpu": settings.gpu_per_worker})
 
 
-def build_tuner(data: TokenizedData, settings: TuneSettings, path: Path, tracker: TrialTracker) -> tune.Tuner:
-    if tune.Tuner.can_restore(str(path)):
-        logger.info("resuming the interrupted Ray Tune experiment in %s", path)
+def build_tuner(
+    data: TokenizedData, settings: TuneSettings, path: Path, tracker: TrialTracker, resume: bool
+) -> tune.Tuner:
+    if resume:  # finished trials stay finished; unfinished and errored ones continue from checkpoints
         return tune.Tuner.restore(
             str(path), _trainable(data, settings), resume_unfinished=True, resume_errored=True
         )
@@ -232,15 +251,19 @@ def summarize_results(results, num_epochs: int) -> list[dict]:
 
 def tune_hyperparameters(
     data: TokenizedData, settings: TuneSettings, tracking_uri: str, experiment_id: str, data_fingerprint: str
-) -> list[dict]:
-    """Run (or resume) the study; every trial ends with an MLflow run holding its best checkpoint."""
+) -> dict:
+    """Run (or resume) the study; every trial ends with an MLflow run holding its best checkpoint.
+
+    Returns {"experiment_dir", "resumed", "trials": [one row per trial]}.
+    """
     client = MlflowClient(tracking_uri)
     with claim_experiment_dir(Path(settings.storage_path).resolve(), settings, data_fingerprint) as path:
+        resumed = tune.Tuner.can_restore(str(path))
         started_ray = connect_ray(settings)
         try:
             check_resources(settings)
             tracker = TrialTracker(tracking_uri, experiment_id, session=path.name)
-            results = build_tuner(data, settings, path, tracker).fit()
+            results = build_tuner(data, settings, path, tracker, resume=resumed).fit()
         finally:
             tracking.close_session_runs(client, experiment_id, path.name)
             if started_ray:
@@ -254,4 +277,4 @@ def tune_hyperparameters(
                 tracking.log_checkpoint(client, row["run_id"], Path(row["checkpoint_dir"]))
                 tracking.log_epoch(client, row["run_id"], {"best_val_loss": row["val_loss"]}, row["epochs"])
         (path / COMPLETE_MARKER).write_text(json.dumps(rows, indent=2, default=str))
-    return rows
+    return {"experiment_dir": str(path), "resumed": resumed, "trials": rows}

@@ -37,13 +37,18 @@ def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):
     assert summary["val_loss"] == min(t["val_loss"] for t in summary["trials"])
     assert best.data.tags[tracking.TAG_BEST] == "true"
     assert best.data.metrics["test_f1"] == summary["test"]["f1"]
+    plots = {a.path for a in client.list_artifacts(summary["run_id"], "plots")}
+    assert plots == {f"plots/{name}.png" for name in
+                     ("confusion_matrix", "per_class_f1", "parallel_coordinates", "learning_curves")}
+    assert "evaluation.json" in {a.path for a in client.list_artifacts(summary["run_id"])}
     version = client.get_model_version_by_alias("tagifai", tracking.CHAMPION_ALIAS)
     assert version.run_id == summary["run_id"]
 
     # The JSON summary on disk has the documented shape.
     written = json.loads((tuned_store["workdir"] / "results.json").read_text())
     assert set(written) >= {"run_id", "experiment_name", "params", "val_loss", "test", "trials"}
-    assert set(written["test"]) >= {"precision", "recall", "f1", "per_class"}
+    assert set(written["test"]) >= {"precision", "recall", "f1", "per_class", "confusion_matrix", "slices",
+                                    "hardest_examples"}
     assert set(written["test"]["per_class"]) == {"computer-vision", "mlops", "natural-language-processing", "other"}
     assert sum(c["support"] for c in written["test"]["per_class"].values()) == 60
     for trial in written["trials"]:
@@ -75,6 +80,7 @@ def test_evaluate_and_predict_clis_read_the_tracked_run(tuned_store, tmp_path, c
     ])
     written = json.loads(out.read_text())
     assert written["test"]["num_samples"] == 300 and 0.0 <= written["test"]["f1"] <= 1.0
+    assert set(written["test"]["slices"]) == {"short_text_under_5_words", "mentions_vision_and_language"}
     assert result["run_id"] == summary["run_id"]
 
     capsys.readouterr()
