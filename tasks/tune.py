@@ -148,12 +148,13 @@ def connect_ray(settings: TuneSettings) -> bool:
 
 
 def check_resources(settings: TuneSettings) -> None:
-    available = ray.cluster_resources()
+    """A trial runs on one node: compare its request with the largest live node, not the total."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     for name, asked in (("CPU", settings.cpu_per_worker), ("GPU", settings.gpu_per_worker)):
-        have = available.get(name, 0.0)
+        have = max((resources.get(name, 0.0) for resources in nodes), default=0.0)
         if asked > have:
             raise ResourceError(
-                f"each trial asks for {asked:g} {name} but the Ray cluster has {have:g}; "
+                f"each trial asks for {asked:g} {name} but the largest Ray node has {have:g}; "
                 f"lower --{name.lower()}-per-worker (trials would wait forever)"
             )
 

@@ -32,7 +32,7 @@ def runs_by_trial(client: MlflowClient, experiment: str) -> dict[str, list]:
 def test_failing_trial_is_retried_from_its_checkpoint_and_failed_attempt_is_marked(
     tmp_path, tiny_backbone, monkeypatch, capsys
 ):
-    from flows.tune import main, tune_classifier
+    from flows.tune import tune_classifier
 
     monkeypatch.setenv(INJECT_FAULT_ENV, f"2:{tmp_path}")  # every trial raises once, at epoch 2
     settings = tiny_settings(tmp_path, tiny_backbone, experiment_name="faulty", num_epochs=3, grace_period=3)
