@@ -31,12 +31,15 @@ class TrackingError(RuntimeError):
     """The MLflow store cannot be used; the message says why and what to do."""
 
 
-def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
-    """Explicit URI, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns; a SQLite store
-    is created (safely) here."""
+def configured_tracking_uri(tracking_uri: Optional[str]) -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns (not created)."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        uri = f"sqlite:///{Path(DEFAULT_STORE_DIR).resolve() / 'mlflow.db'}"
+    return uri or f"sqlite:///{Path(DEFAULT_STORE_DIR).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
+    """The configured URI, with a SQLite store created (safely) if it does not exist yet."""
+    uri = configured_tracking_uri(tracking_uri)
     prepare_sqlite_store(uri)
     return uri
 

@@ -1,0 +1,151 @@
+"""The demo page in a real headless Chromium with the network cut off: it renders, predicts and explains.
+
+Needs Debian's browser and driver: apt-get install -y chromium chromium-driver (CI installs them too).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from urllib.parse import urlparse
+
+import pytest
+
+from demo.app import build_app, launch_options, load_model
+
+PAGE_TIMEOUT_S = 90  # a loaded CI box can take a while to start the page's JavaScript
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1200,900",
+    # No network but the app: every other host name fails to resolve, so a CDN font or script would be missed.
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tuned_store):
+    settings = tuned_store["settings"]
+    return load_model(settings.tracking_uri, experiment_name=settings.experiment_name)
+
+
+@pytest.fixture(scope="module")
+def app_url(served):
+    predictor, provenance = served
+    demo = build_app(predictor, provenance)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("no_proxy", "localhost,127.0.0.1")
+        env.setenv("NO_PROXY", "localhost,127.0.0.1")
+        try:
+            _, url, _ = demo.launch(
+                prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **launch_options()
+            )
+            yield url
+        finally:
+            demo.close()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> tuple[str, str]:
+    """Paths of the browser and its driver; session-scoped so a missing browser fails before the tuning run."""
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (browser_path and driver_path):
+        pytest.fail(
+            f"the browser test needs Chromium and its driver (found browser={browser_path}, driver={driver_path}); "
+            "install them with: apt-get update && apt-get install -y chromium chromium-driver"
+        )
+    return browser_path, driver_path
+
+
+@pytest.fixture(scope="module")
+def browser(chromium, tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser_path, driver_path = chromium
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser_path
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def open_page(driver, url: str):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
+    wait.until(ready.element_to_be_clickable((By.CSS_SELECTOR, "#title textarea")))
+    return wait
+
+
+def requested_urls(driver) -> list[str]:
+    """Every URL the page asked for since the last call, from Chrome's network log."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] in ("Network.requestWillBeSent", "Network.webSocketCreated"):
+            urls.append(message["params"].get("request", {}).get("url") or message["params"].get("url", ""))
+    return urls
+
+
+def test_page_predicts_offline(browser, app_url, served, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    predictor, provenance = served
+    title = "Counting seabirds in drone footage"
+    wait = open_page(browser, app_url)
+    browser.find_element(By.CSS_SELECTOR, "#title textarea").send_keys(title)
+    browser.find_element(By.ID, "predict-button").click()
+
+    shown_tag = wait.until(
+        lambda page: next(
+            (e.text for e in page.find_elements(By.CSS_SELECTOR, "#prediction [data-testid='label-output-value']") if e.text),
+            None,
+        )
+    )
+    tags = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#prediction .confidence-set dt")]
+    percents = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#prediction .confidence-set dd")]
+    browser.save_screenshot(str(tmp_path / "demo.png"))
+
+    assert shown_tag == predictor.predict([title], [""])[0]["prediction"]
+    assert sorted(tags) == sorted(predictor.classes)
+    assert all(p.endswith("%") for p in percents), percents
+    assert provenance.run_id in browser.find_element(By.ID, "provenance").text
+    outside = [u for u in requested_urls(browser) if urlparse(u).scheme in ("http", "https", "ws", "wss")
+               and urlparse(u).hostname not in ("127.0.0.1", "localhost")]
+    assert not outside, f"the page fetched from the network: {outside}"
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_empty_input_shows_a_message(browser, app_url):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, app_url)
+    browser.find_element(By.ID, "predict-button").click()
+    message = wait.until(
+        lambda page: next((e.text for e in page.find_elements(By.CSS_SELECTOR, "[data-testid='toast-text']") if e.text), None)
+    )
+    assert "Enter a title or a description" in message
+    assert "Traceback" not in browser.page_source
