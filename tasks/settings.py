@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,10 +22,6 @@ SEARCH_BOUNDS = {
     "lr_patience": (1, 10),
 }
 DEFAULT_INITIAL_PARAMS = [{"dropout_p": 0.5, "lr": 1e-4, "lr_factor": 0.8, "lr_patience": 3}]
-
-
-class SettingsError(ValueError):
-    """A user-supplied option is invalid; the message says which and why."""
 
 
 class TuneSettings(BaseModel):
@@ -172,7 +167,3 @@ def parse_settings(model: type[BaseModel], argv: list[str] | None, prog: str, de
             for e in error.errors()
         )
         parser.error(problems)
-
-
-def resolve_path(value: str | None) -> Path | None:
-    return None if value is None else Path(value).expanduser()
