@@ -4,7 +4,8 @@
                        [--tracking-uri URI] [--host 127.0.0.1] [--port 7860] [--threads N]
 
 The model is loaded once at start: the run given by --run-id, else the registered model's
-`champion` alias, else the experiment's best run. The page works offline (system fonts, no CDN).
+`champion` alias, else the experiment's best run; so are its tuning session's trials, shown in the
+Experiment tab. The page works offline (system fonts, no CDN).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
+from demo.experiment import Experiment, experiment_tab, load_experiment
 from tasks import tracking
 from tasks.data import TEXT_COLUMNS, DataError, parse_table
 from tasks.model import ModelError
@@ -205,8 +207,10 @@ def launch_options() -> dict:
     return {"theme": offline_theme(), "max_file_size": MAX_UPLOAD_SIZE, "share": False}
 
 
-def build_app(predictor: Predictor, provenance: Provenance) -> gr.Blocks:
-    """The page; `predict` (title, description → tag probabilities) is also the named API endpoint."""
+def build_app(predictor: Predictor, provenance: Provenance, experiment: Optional[Experiment] = None) -> gr.Blocks:
+    """The page; `predict` (title, description → tag probabilities) is also the named API endpoint.
+
+    `experiment` (from `load_experiment`, read once at start) fills the Experiment tab."""
     output_dir = Path(tempfile.mkdtemp(prefix="tagifai-scored-"))
 
     def predict(title: str, description: str) -> dict[str, float]:
@@ -229,25 +233,29 @@ def build_app(predictor: Predictor, provenance: Provenance) -> gr.Blocks:
             "# tagifai\nPredict the tag of a machine-learning project from its title and description: "
             + ", ".join(f"`{tag}`" for tag in predictor.classes) + "."
         )
-        with gr.Row():
-            with gr.Column():
-                title = gr.Textbox(label="Title", max_lines=2, max_length=MAX_FIELD_CHARS, elem_id="title")
-                description = gr.Textbox(label="Description", lines=4, max_length=MAX_FIELD_CHARS, elem_id="description")
-                predict_button = gr.Button("Predict tag", variant="primary", elem_id="predict-button")
-            with gr.Column():
-                label = gr.Label(label="Predicted tag", num_top_classes=len(predictor.classes), elem_id="prediction")
-                with gr.Accordion("Model provenance", open=True):
-                    gr.Markdown(provenance.to_markdown(), elem_id="provenance")
-        gr.Examples(EXAMPLES, inputs=[title, description], outputs=label, fn=predict, run_on_click=True, cache_examples=False)
-        with gr.Accordion("Score a CSV file", open=False):
-            gr.Markdown(
-                f"Upload a CSV with `title` and `description` columns (up to {MAX_CSV_ROWS} rows, {MAX_UPLOAD_SIZE}); "
-                "download the same rows with `prediction` and one `probability_<tag>` column per tag."
-            )
-            with gr.Row():
-                upload = gr.File(label="CSV to score", file_types=[".csv"], type="filepath", elem_id="csv-upload")
-                scored_file = gr.File(label="Scored CSV", interactive=False, elem_id="csv-scored")
-            score_button = gr.Button("Score CSV", elem_id="score-button")
+        with gr.Tabs():
+            with gr.Tab("Predict", id="predict"):
+                with gr.Row():
+                    with gr.Column():
+                        title = gr.Textbox(label="Title", max_lines=2, max_length=MAX_FIELD_CHARS, elem_id="title")
+                        description = gr.Textbox(label="Description", lines=4, max_length=MAX_FIELD_CHARS, elem_id="description")
+                        predict_button = gr.Button("Predict tag", variant="primary", elem_id="predict-button")
+                    with gr.Column():
+                        label = gr.Label(label="Predicted tag", num_top_classes=len(predictor.classes), elem_id="prediction")
+                        with gr.Accordion("Model provenance", open=True):
+                            gr.Markdown(provenance.to_markdown(), elem_id="provenance")
+                gr.Examples(EXAMPLES, inputs=[title, description], outputs=label, fn=predict, run_on_click=True, cache_examples=False)
+                with gr.Accordion("Score a CSV file", open=False):
+                    gr.Markdown(
+                        f"Upload a CSV with `title` and `description` columns (up to {MAX_CSV_ROWS} rows, {MAX_UPLOAD_SIZE}); "
+                        "download the same rows with `prediction` and one `probability_<tag>` column per tag."
+                    )
+                    with gr.Row():
+                        upload = gr.File(label="CSV to score", file_types=[".csv"], type="filepath", elem_id="csv-upload")
+                        scored_file = gr.File(label="Scored CSV", interactive=False, elem_id="csv-scored")
+                    score_button = gr.Button("Score CSV", elem_id="score-button")
+            with gr.Tab("Experiment", id="experiment"):
+                experiment_tab(experiment)
 
         predict_button.click(predict, [title, description], label, api_name="predict")
         title.submit(predict, [title, description], label, api_visibility="private")
@@ -283,8 +291,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")
     print(f"serving run {provenance.run_id} ({provenance.chosen_by}) from {tracking_uri}")
+    experiment = load_experiment(tracking_uri, provenance.run_id)
     try:
-        build_app(predictor, provenance).launch(server_name=args.host, server_port=args.port, **launch_options())
+        build_app(predictor, provenance, experiment).launch(server_name=args.host, server_port=args.port, **launch_options())
     except OSError as error:  # port taken, or an address this machine does not have
         reason = str(error).split(". ")[0]
         sys.exit(f"error: cannot serve on {args.host}:{args.port} ({reason}); pass a free --port or another --host")

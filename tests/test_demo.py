@@ -1,4 +1,4 @@
-"""The Gradio demo against the tiny tuning run: model choice, predictor, a real server over HTTP, bad input."""
+"""The Gradio demo against the tiny tuning run: model choice, predictor, trials, a real server over HTTP, bad input."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urljoin
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from demo.app import EXAMPLES, MAX_FIELD_CHARS, build_app, launch_options, load_model, main, score_frame
+from demo.experiment import PARAMETERS, load_experiment, read_experiment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,12 +42,16 @@ def served(store):
 
 
 @pytest.fixture(scope="module")
-def client(served):
-    """The app as a real server on a free loopback port, and a gradio_client talking to it."""
-    from gradio_client import Client
+def experiment(store, served, tmp_path_factory):
+    """The Experiment tab's data for the served run, as `main` reads it at start."""
+    return load_experiment(store["tracking_uri"], served[1].run_id, tmp_path_factory.mktemp("experiment"))
 
+
+@pytest.fixture(scope="module")
+def server(served, experiment):
+    """The app as a real server on a free loopback port: its URL."""
     predictor, provenance = served
-    demo = build_app(predictor, provenance)
+    demo = build_app(predictor, provenance, experiment)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("no_proxy", "localhost,127.0.0.1")
         env.setenv("NO_PROXY", "localhost,127.0.0.1")
@@ -53,9 +59,17 @@ def client(served):
             _, url, _ = demo.launch(
                 prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **launch_options()
             )
-            yield Client(url, verbose=False)
+            yield url
         finally:
             demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """A gradio_client talking to the server."""
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
 
 
 def test_champion_is_served_with_its_provenance(served, store):
@@ -74,6 +88,52 @@ def test_best_run_is_served_when_no_model_is_registered(store):
     _, provenance = load_model(store["tracking_uri"], experiment_name=store["experiment_name"], model_name="unregistered")
     assert provenance.run_id == store["run_id"]
     assert "lowest validation loss" in provenance.chosen_by
+
+
+def test_experiment_lists_the_session_trials_and_draws_the_plots(experiment, tuned_store, store):
+    trials = tuned_store["summary"]["trials"]
+    table = experiment.trials
+    assert sorted(table["trial_id"]) == sorted(t["trial_id"] for t in trials) and len(table) == 2
+    assert table["best_val_loss"].is_monotonic_increasing
+    best = table.iloc[0]
+    assert best["note"] == "served, best" and store["run_id"].startswith(best["run_id"])
+    assert best["best_val_loss"] == pytest.approx(tuned_store["summary"]["val_loss"], rel=1e-6)
+    assert (table["note"] == "").sum() == 1
+    assert set(table["status"]) == {"FINISHED"} and (table["epochs"] >= 1).all()
+    assert table[list(PARAMETERS)].notna().all().all() and table["val_f1_at_best"].notna().all()
+    for image in (experiment.parallel_coordinates, experiment.learning_curves):
+        assert image.read_bytes().startswith(b"\x89PNG") and image.stat().st_size > 5_000
+    assert "tuning session" in experiment.note
+
+
+def test_a_retried_trial_is_one_row_and_untagged_runs_fall_back_to_the_experiment(tmp_path):
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("old", artifact_location=(tmp_path / "artifacts").as_uri())
+    params = [Param(name, "0.5") for name in PARAMETERS]
+
+    def run(trial: str, status: str, losses: dict) -> str:
+        run_id = client.create_run(experiment_id, tags={tracking.TAG_TRIAL: trial}).info.run_id
+        metrics = [Metric(key, value, 0, epoch) for epoch, loss in losses.items()
+                   for key, value in (("val_loss", loss), ("train_loss", loss + 0.1), ("val_f1", 1 - loss))]
+        client.log_batch(run_id, metrics=metrics, params=params)
+        client.set_terminated(run_id, status=status)
+        return run_id
+
+    run("t1", "FAILED", {1: 0.9, 2: 0.8})
+    retried = run("t1", "FINISHED", {3: 0.4})  # resumed from the epoch-2 checkpoint
+    served = run("t2", "FINISHED", {1: 0.7})
+    experiment = read_experiment(client, served, tmp_path / "plots")
+    rows = experiment.trials.set_index("trial_id")
+    assert list(rows.index) == ["t1", "t2"] and "whole experiment" in experiment.note
+    assert rows.loc["t1", ["status", "attempts", "epochs", "run_id"]].tolist() == ["FINISHED", 2, 3, retried[:8]]
+    assert rows.loc["t1", "best_val_loss"] == pytest.approx(0.4) and rows.loc["t1", "val_f1_at_best"] == pytest.approx(0.6)
+    assert rows.loc["t2", "note"] == "served" and rows.loc["t1", "note"] == ""
+    assert experiment.parallel_coordinates.stat().st_size > 5_000 and experiment.learning_curves.stat().st_size > 5_000
 
 
 def test_batch_and_single_predictions_agree(served):
@@ -95,6 +155,18 @@ def test_score_frame_keeps_rows_and_leaves_textless_rows_blank(served):
     probabilities = scored[[f"probability_{tag}" for tag in predictor.classes]]
     assert math.isnan(probabilities.iloc[1].sum(min_count=1))
     np.testing.assert_allclose(probabilities.iloc[[0, 2]].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_page_config_carries_the_trials_and_serves_the_plots(server, experiment):
+    import httpx
+
+    config = httpx.get(f"{server.rstrip('/')}/config", timeout=30).json()
+    by_id = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
+    rows = by_id["trials-table"]["value"]["data"]
+    assert sorted(row[1] for row in rows) == sorted(experiment.trials["trial_id"])
+    for elem_id in ("parallel-coordinates", "learning-curves"):
+        image = httpx.get(urljoin(server, by_id[elem_id]["value"]["url"]), timeout=30)
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 
 def test_api_predicts_one_project(client, served):

@@ -1,4 +1,4 @@
-"""The demo page in a real headless Chromium with the network cut off: it renders, predicts and explains.
+"""The demo page in a real headless Chromium with the network cut off: it renders, predicts, explains and shows the trials.
 
 Needs Debian's browser and driver: apt-get install -y chromium chromium-driver (CI installs them too).
 """
@@ -13,7 +13,9 @@ from urllib.parse import urlparse
 import pytest
 
 from demo.app import build_app, launch_options, load_model
+from demo.experiment import load_experiment
 
+PLOTS = ("parallel-coordinates", "learning-curves")  # the Experiment tab's images, by elem_id
 PAGE_TIMEOUT_S = 90  # a loaded CI box can take a while to start the page's JavaScript
 CHROME_FLAGS = [
     "--headless",
@@ -43,9 +45,14 @@ def served(tuned_store):
 
 
 @pytest.fixture(scope="module")
-def app_url(served):
+def experiment(tuned_store, served, tmp_path_factory):
+    return load_experiment(tuned_store["settings"].tracking_uri, served[1].run_id, tmp_path_factory.mktemp("experiment"))
+
+
+@pytest.fixture(scope="module")
+def app_url(served, experiment):
     predictor, provenance = served
-    demo = build_app(predictor, provenance)
+    demo = build_app(predictor, provenance, experiment)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("no_proxy", "localhost,127.0.0.1")
         env.setenv("NO_PROXY", "localhost,127.0.0.1")
@@ -100,6 +107,19 @@ def open_page(driver, url: str):
     return wait
 
 
+def image_width(driver, selector: str) -> int:
+    """The natural width of a loaded image (0 while missing or loading, or if it failed to decode)."""
+    script = "const img = document.querySelector(arguments[0]); return img && img.complete ? img.naturalWidth : 0;"
+    return driver.execute_script(script, selector)
+
+
+def first_row(driver) -> str:
+    """The text of the trials table's first data row, as displayed (after any sorting in the page)."""
+    script = """return Array.from(document.querySelectorAll('#trials-table [role=row]'))
+        .filter(row => !row.closest('thead')).map(row => row.innerText).find(text => text.trim()) || '';"""
+    return driver.execute_script(script)
+
+
 def requested_urls(driver) -> list[str]:
     """Every URL the page asked for since the last call, from Chrome's network log."""
     urls = []
@@ -149,3 +169,28 @@ def test_empty_input_shows_a_message(browser, app_url):
     )
     assert "Enter a title or a description" in message
     assert "Traceback" not in browser.page_source
+
+
+def test_experiment_tab_shows_the_trials_and_plots(browser, app_url, experiment, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, app_url)
+    browser.find_element(By.XPATH, "//button[@role='tab' and normalize-space()='Experiment']").click()
+    trial_ids = list(experiment.trials["trial_id"])
+    table_text = wait.until(
+        lambda page: next((e.text for e in page.find_elements(By.ID, "trials-table") if all(t in e.text for t in trial_ids)), None)
+    )
+    assert "served" in table_text and "FINISHED" in table_text
+    wait.until(lambda page: all(image_width(page, f"#{elem_id} img") for elem_id in PLOTS))
+    widths = [image_width(browser, f"#{elem_id} img") for elem_id in PLOTS]
+    browser.save_screenshot(str(tmp_path / "experiment.png"))
+    assert all(width > 100 for width in widths), widths
+
+    # Sortable: the best_val_loss header's menu puts the worst trial on top (the tab lists the best first).
+    header = next(h for h in browser.find_elements(By.CSS_SELECTOR, "#trials-table th") if h.text == "best_val_loss")
+    browser.execute_script("arguments[0].click()", header.find_element(By.CSS_SELECTOR, "button.cell-menu-button"))
+    sort = wait.until(lambda page: next((b for b in page.find_elements(By.XPATH, "//button[normalize-space()='Sort descending']")), None))
+    browser.execute_script("arguments[0].click()", sort)
+    wait.until(lambda page: trial_ids[-1] in first_row(page) and trial_ids[0] not in first_row(page))
+    assert "Traceback" not in browser.page_source
+    assert (tmp_path / "experiment.png").stat().st_size > 10_000
