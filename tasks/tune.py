@@ -215,6 +215,9 @@ def build_tuner(
             search_alg=ConcurrencyLimiter(search, max_concurrent=settings.max_concurrent),
             scheduler=scheduler,
             num_samples=settings.num_runs,
+            # A finished trial's worker runs the next one: no new process, imports or backbone
+            # checksum per trial (benchmarks/RESULTS.md: ~8-10 s of start-up per trial otherwise).
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=path.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -80,3 +81,21 @@ def tuned_store(tmp_path_factory, tiny_backbone):
     settings = tiny_settings(workdir, tiny_backbone)
     summary = tune_classifier(settings)
     return {"workdir": workdir, "settings": settings, "summary": summary}
+
+
+@contextlib.contextmanager
+def launched(demo):
+    """A Gradio app served for real on a free loopback port: yields its URL, closes it after."""
+    from demo.app import launch_options
+    from processes import free_port
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("no_proxy", "localhost,127.0.0.1")
+        env.setenv("NO_PROXY", "localhost,127.0.0.1")
+        try:
+            _, url, _ = demo.launch(
+                prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **launch_options()
+            )
+            yield url
+        finally:
+            demo.close()

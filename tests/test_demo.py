@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from demo.app import EXAMPLES, MAX_FIELD_CHARS, build_app, launch_options, load_model, main, score_frame
+from conftest import launched
+
+from demo.app import EXAMPLES, MAX_FIELD_CHARS, build_app, load_model, main, score_frame
 from demo.experiment import PARAMETERS, load_experiment, read_experiment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +46,8 @@ def experiment(store, served, tmp_path_factory):
 def server(served, experiment):
     """The app as a real server on a free loopback port: its URL."""
     predictor, provenance = served
-    demo = build_app(predictor, provenance, experiment)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("no_proxy", "localhost,127.0.0.1")
-        env.setenv("NO_PROXY", "localhost,127.0.0.1")
-        try:
-            _, url, _ = demo.launch(
-                prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **launch_options()
-            )
-            yield url
-        finally:
-            demo.close()
+    with launched(build_app(predictor, provenance, experiment)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

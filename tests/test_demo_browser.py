@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from urllib.parse import urlparse
 
 import pytest
 
-from demo.app import build_app, launch_options, load_model
+from conftest import launched
+
+from demo.app import build_app, load_model
 from demo.experiment import load_experiment
 
 PLOTS = ("parallel-coordinates", "learning-curves")  # the Experiment tab's images, by elem_id
@@ -32,12 +33,6 @@ CHROME_FLAGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tuned_store):
     settings = tuned_store["settings"]
@@ -52,17 +47,8 @@ def experiment(tuned_store, served, tmp_path_factory):
 @pytest.fixture(scope="module")
 def app_url(served, experiment):
     predictor, provenance = served
-    demo = build_app(predictor, provenance, experiment)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("no_proxy", "localhost,127.0.0.1")
-        env.setenv("NO_PROXY", "localhost,127.0.0.1")
-        try:
-            _, url, _ = demo.launch(
-                prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **launch_options()
-            )
-            yield url
-        finally:
-            demo.close()
+    with launched(build_app(predictor, provenance, experiment)) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
