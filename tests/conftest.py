@@ -77,8 +77,16 @@ def tuned_store(tmp_path_factory, tiny_backbone):
     """One real tiny tuning run (Prefect + Ray Tune + MLflow) that several tests read."""
     from flows.tune import tune_classifier
 
+    import pandas as pd
+
+    from tasks.data import sample_dataset_path
+
     workdir = tmp_path_factory.mktemp("tuned")
-    settings = tiny_settings(workdir, tiny_backbone)
+    # The sample rows in reverse order: new bytes, so this run's load/split/tokenize are cache misses
+    # whichever tests ran before it (the Prefect cache is shared by the whole session).
+    dataset = workdir / "projects.csv"
+    pd.read_csv(sample_dataset_path()).iloc[::-1].to_csv(dataset, index=False)
+    settings = tiny_settings(workdir, tiny_backbone, dataset_loc=str(dataset))
     summary = tune_classifier(settings)
     return {"workdir": workdir, "settings": settings, "summary": summary}
 

@@ -62,7 +62,7 @@ def test_second_run_with_same_inputs_reuses_cached_steps(tuned_store, tiny_backb
 
     workdir = tuned_store["workdir"]
     settings = tiny_settings(workdir, tiny_backbone, experiment_name="tiny-again", num_runs=1, num_epochs=1,
-                             results_fp=str(workdir / "again.json"))
+                             dataset_loc=tuned_store["settings"].dataset_loc, results_fp=str(workdir / "again.json"))
     summary = tune_classifier(settings)
     assert summary["cached"] == {"load": True, "split": True, "tokenize": True}
     assert len(summary["trials"]) == 1
