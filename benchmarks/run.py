@@ -11,15 +11,18 @@ that of its own process tree. Results are printed as a table and written as JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ from benchmarks.predict_latency import batch_throughput, single_latencies_ms
 from benchmarks.proctree import LoadSampler, TreeSampler
 from tasks.data import load_dataset, split_dataset
 from tasks.predict import Predictor
-from tasks.settings import DEFAULT_BACKBONE
+from tasks.settings import DEFAULT_BACKBONE, TuneSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {  # metric path, comparison, threshold: the issue's targets for a 2-core CPU
@@ -103,8 +106,45 @@ def inference(save_checkpoint, splits, calls: int, warmup: int, repeats: int) ->
     }
 
 
-def tuning(options, workdir: Path) -> tuple[dict, dict]:
-    """The instrumented flow in a child process; its process tree's memory sampled from here."""
+@contextlib.contextmanager
+def prefect_server(env: dict, log_path: Path):
+    """A `prefect server start` on a free loopback port for the duration; yields its API URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, env=dict(env, PREFECT_SERVER_UI_ENABLED="false"), stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not start; see {log_path}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def tuning(options, workdir: Path, with_prefect_server: bool = False) -> tuple[dict, dict]:
+    """The instrumented flow in a child process; its process tree's memory sampled from here.
+
+    `with_prefect_server`: run the flow against a Prefect server started beforehand (as with
+    deployments or a long-lived `prefect server start`) instead of Prefect's temporary server.
+    The server is not part of the sampled process tree then.
+    """
     env = dict(os.environ)
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(name, None)  # measure the default: a local Ray, SQLite MLflow, Prefect's temporary server
@@ -113,6 +153,14 @@ def tuning(options, workdir: Path) -> tuple[dict, dict]:
     # Prefect gives its temporary server 20 s to start; a busy 2-core machine can take longer.
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     out = workdir / "probe.json"
+    if with_prefect_server:
+        with prefect_server(env, workdir / "prefect-server.log") as api_url:
+            env["PREFECT_API_URL"] = api_url
+            return _run_probe(options, workdir, env, out)
+    return _run_probe(options, workdir, env, out)
+
+
+def _run_probe(options, workdir: Path, env: dict, out: Path) -> tuple[dict, dict]:
     command = [
         sys.executable, "-m", "benchmarks.tuning_probe", "--model", options.model, "--trials", str(options.trials),
         "--epochs", str(options.tune_epochs), "--workdir", str(workdir), "--out", str(out),
@@ -151,7 +199,9 @@ def check_targets(results: dict) -> dict:
 
 
 def print_table(results: dict) -> None:
-    train, tune, infer, memory = (results.get(k, {}) for k in ("train", "tuning", "inference", "memory"))
+    train, tune, infer, memory, served = (
+        results.get(k, {}) for k in ("train", "tuning", "inference", "memory", "tuning_prefect_server")
+    )
     machine = results["machine"]
     print(f"\nmachine: {machine['nproc']} CPUs, {machine['cpu_model']}, torch {machine['torch']} "
           f"({machine['torch_cpu_capability']}), {machine['threads']} threads (training comparison: "
@@ -166,11 +216,15 @@ def print_table(results: dict) -> None:
         ("padding waste / naive", (train.get("padding_waste"), train.get("naive_padding_waste")), "{:.1%} / {:.1%}"),
         ("val F1 / naive val F1", (train.get("val_f1"), train.get("naive_val_f1")), "{:.3f} / {:.3f}"),
         ("matmul fp32 GFLOP/s", train.get("matmul_gflops_fp32"), "{:.1f}"),
-        ("model GFLOP/s (6*N*tokens/s)", train.get("model_gflops"), "{:.1f}"),
+        ("trained layers (ours; naive: all)", train.get("trainable_layers"), "{}"),
+        ("model GFLOP/s (real FLOPs/token x tokens/s)", train.get("model_gflops"), "{:.1f}"),
         ("efficiency vs fp32 matmul", train.get("efficiency_fp32"), "{:.2f}"),
         ("tuning wall s", tune.get("wall_s"), "{:.1f}"),
         ("trial compute s (sum / critical path)", (tune.get("trial_compute_s"), tune.get("critical_path_compute_s")), "{:.1f} / {:.1f}"),
         ("orchestration overhead s (share)", (tune.get("overhead_s"), tune.get("overhead_share")), "{:.1f} ({:.1%})"),
+        ("  same, running Prefect server: wall s", served.get("wall_s"), "{:.1f}"),
+        ("  same, running Prefect server: overhead", (served.get("overhead_s"), served.get("overhead_share")),
+         "{:.1f} ({:.1%})"),
         ("predict p50 / p95 ms (1 example)", (infer.get("single_p50_ms"), infer.get("single_p95_ms")), "{:.1f} / {:.1f}"),
         ("predict batch of 64, examples/s", infer.get("batch64_examples_per_s"), "{:.0f}"),
         ("peak RSS MB (PSS)", (memory.get("peak_rss_mb"), memory.get("peak_pss_mb")), "{:.0f} ({:.0f})"),
@@ -213,7 +267,12 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, default=None, help="epochs of each training loop (3; quick: 2)")
     parser.add_argument("--trials", type=int, default=None, help="tuning trials (4; quick: 2)")
     parser.add_argument("--tune-epochs", type=int, default=None, help="epochs per tuning trial (3; quick: 1)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=TuneSettings().batch_size)
+    parser.add_argument(
+        "--trainable-layers", default=TuneSettings().trainable_layers,
+        type=lambda text: None if text == "all" else int(text),
+        help="top encoder layers our loop fine-tunes (default: the flow's; 'all' trains every layer)",
+    )
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -227,6 +286,10 @@ def parse_args(argv):
     parser.add_argument(
         "--cold-stores", action="store_true",
         help="time the tuning flow as a first run (no MLflow store or Prefect database yet); default: warm",
+    )
+    parser.add_argument(
+        "--prefect-server", action="store_true",
+        help="also time the tuning flow against a Prefect server started beforehand (deployment setup)",
     )
     parser.add_argument("--workdir", default=None, help="folder for the tuning run's stores (default: temporary)")
     options = parser.parse_args(argv)
@@ -259,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
               "interleaved ...", flush=True)
         results["train"], data, save = train_bench.compare_with_naive(
             splits, options.model, options.epochs, options.batch_size, options.max_length, options.seed,
-            options.matmul_size, options.train_threads,
+            options.matmul_size, options.train_threads, options.trainable_layers,
         )
         if not options.skip_levers:
             print("levers ...", flush=True)
@@ -278,6 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(options.workdir or tempfile.mkdtemp(prefix="tagifai-bench-tuning-")).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         results["tuning"], results["memory"] = tuning(options, workdir)
+        if options.prefect_server:
+            print("tuning flow again, against a running Prefect server ...", flush=True)
+            server_dir = workdir / "with-prefect-server"
+            server_dir.mkdir(exist_ok=True)
+            results["tuning_prefect_server"], _ = tuning(options, server_dir, with_prefect_server=True)
     results["benchmark_s"] = time.perf_counter() - started
     results["load"] = load.stop()
     results["machine"]["load_avg_at_end"] = os.getloadavg()

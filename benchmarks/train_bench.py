@@ -19,7 +19,7 @@ from torch import nn
 from benchmarks.naive import NaiveTrial, full_padding_waste
 from tasks import model as model_module
 from tasks.data import Splits
-from tasks.model import build_classifier, load_tokenizer, save_checkpoint
+from tasks.model import build_classifier, encoder_layers, load_tokenizer, save_checkpoint
 from tasks.settings import DEFAULT_INITIAL_PARAMS
 from tasks.train import (
     TokenizedData, TokenizedSplit, batch_order, bf16_supported, iterate_batches, make_optimizer,
@@ -53,21 +53,40 @@ def flop_parameters(model: nn.Module) -> int:
     )
 
 
+def training_flops_per_token(model: nn.Module, trainable_layers: int | None) -> int:
+    """FLOPs per token of a training step that fine-tunes the top `trainable_layers` (None: all).
+
+    Forward: 2 per parameter. Backward: 2 per trainable parameter for its weight gradient, and 2
+    per parameter of each layer whose input gradient is needed: every layer above the lowest
+    trainable one. Training everything, this is the usual 6 x N.
+    """
+    total = flop_parameters(model)
+    if trainable_layers is None:
+        return 6 * total
+    layers = encoder_layers(model.backbone)
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    head = sum(p.numel() for p in model.head.parameters())
+    trained = sum(per_layer[len(layers) - trainable_layers :]) + head
+    lowest = per_layer[len(layers) - trainable_layers] if trainable_layers else head  # no input gradient below it
+    return 2 * total + 2 * trained + 2 * (trained - lowest)
+
+
 def compare_with_naive(
     splits: Splits, backbone: str, epochs: int, batch_size: int, max_length: int, seed: int, matmul_size: int,
-    threads: int,
+    threads: int, trainable_layers: int | None = None,
 ):
     """Train both loops for `epochs` epochs at `threads` torch threads, interleaved epoch by epoch,
     with a matmul burst between epochs; returns (results, tokenized data, checkpoint writer)."""
     configured = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _compare_with_naive(splits, backbone, epochs, batch_size, max_length, seed, matmul_size)
+        return _compare_with_naive(splits, backbone, epochs, batch_size, max_length, seed, matmul_size,
+                                   trainable_layers)
     finally:
         torch.set_num_threads(configured)
 
 
-def _compare_with_naive(splits, backbone, epochs, batch_size, max_length, seed, matmul_size):
+def _compare_with_naive(splits, backbone, epochs, batch_size, max_length, seed, matmul_size, trainable_layers):
     started = time.perf_counter()
     data = tokenize_splits(splits, backbone, max_length)
     tokenize_s = time.perf_counter() - started
@@ -88,8 +107,10 @@ def _compare_with_naive(splits, backbone, epochs, batch_size, max_length, seed, 
         clock[0] = time.process_time()
 
     report.final_save = None
-    train_classifier(CONFIG, data, epochs, batch_size, report, seed=seed)
-    flops_per_token = 6 * flop_parameters(naive.model)
+    train_classifier(CONFIG, data, epochs, batch_size, report, seed=seed, trainable_layers=trainable_layers)
+    # Our loop's real work per token (it may leave lower layers frozen); the naive loop trains all.
+    flops_per_token = training_flops_per_token(naive.model, trainable_layers)
+    naive_flops_per_token = 6 * flop_parameters(naive.model)
 
     def tokens_per_s(rows):
         return [m["tokens"] / m["train_time_s"] for m in rows]
@@ -132,14 +153,17 @@ def _compare_with_naive(splits, backbone, epochs, batch_size, max_length, seed, 
         "naive_trial_s": naive.setup_s + sum(m["epoch_time_s"] for m in theirs),
         "tokenize_once_s": tokenize_s,
         "naive_tokenize_in_trial_s": naive.tokenize_s,
-        "flop_parameters": flops_per_token // 6,
+        "trainable_layers": "all" if trainable_layers is None else trainable_layers,
+        "flop_parameters": naive_flops_per_token // 6,
+        "training_flops_per_token": flops_per_token,
+        "naive_training_flops_per_token": naive_flops_per_token,
         "matmul_size": matmul_size,
         "matmul_gflops_fp32": median(matmul),
         "matmul_gflops_fp32_bursts": matmul,
         "model_gflops": flops_per_token * median(ours_tps) / 1e9,
         "efficiency_fp32": median(efficiency),
         "efficiency_fp32_per_epoch": efficiency,
-        "naive_efficiency_fp32": flops_per_token * median(naive_tps) / 1e9 / median(matmul),
+        "naive_efficiency_fp32": naive_flops_per_token * median(naive_tps) / 1e9 / median(matmul),
     }
     result["speedup_vs_naive_trial"] = result["naive_trial_s"] / result["trial_s"]
     return result, data, report.final_save

@@ -191,7 +191,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     logger = get_run_logger()
     tracking_uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tracking.check_reachable(tracking_uri)
-    check_backbone(settings.model)
+    check_backbone(settings.model, settings.trainable_layers)
 
     cached = {}
     state = load_data(settings.dataset_loc, return_state=True)

@@ -75,11 +75,12 @@ def load_backbone(name: str, trust_remote_code: bool = False) -> nn.Module:
         ) from None
 
 
-def check_backbone(name: str) -> None:
-    """Fail before any training when `name` is not a loadable transformers encoder."""
+def check_backbone(name: str, trainable_layers: int | None = None) -> None:
+    """Fail before any training when `name` is not a loadable transformers encoder, or has fewer
+    layers than `trainable_layers` asks to fine-tune."""
     source = resolve_backbone(name)
     try:
-        AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(
             f"{name!r} is not a transformers model ({error}). "
@@ -88,6 +89,12 @@ def check_backbone(name: str) -> None:
     folder = Path(source)
     if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelError(f"model folder {folder} has a config but no weights (*.safetensors or *.bin)")
+    layers = getattr(config, "num_hidden_layers", None)
+    if trainable_layers is not None and layers is not None and trainable_layers > layers:
+        raise ModelError(
+            f"--trainable-layers {trainable_layers} exceeds the {layers} encoder layers of {name!r}; "
+            f"use at most {layers}, or 'all'"
+        )
 
 
 class TextClassifier(nn.Module):
@@ -113,6 +120,33 @@ class TextClassifier(nn.Module):
 
 def build_classifier(backbone_name: str, num_classes: int, dropout_p: float) -> TextClassifier:
     return TextClassifier(load_backbone(backbone_name), num_classes, dropout_p)
+
+
+def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The backbone's stack of transformer layers (BERT-style `encoder.layer` and the like)."""
+    count = backbone.config.num_hidden_layers
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ModelError(f"cannot find the {count} encoder layers of {type(backbone).__name__} to freeze")
+
+
+def freeze_lower_layers(model: TextClassifier, trainable_layers: int | None) -> None:
+    """Train only the top `trainable_layers` encoder layers (and the head); None trains everything.
+
+    Frozen layers sit below every trainable one, so autograd neither stores their activations nor
+    runs their backward pass: fewer FLOPs and no gradients or AdamW moments for them.
+    """
+    if trainable_layers is None:
+        return
+    layers = encoder_layers(model.backbone)
+    if not 0 <= trainable_layers <= len(layers):
+        raise ModelError(f"trainable_layers must be between 0 and {len(layers)} for this backbone, got {trainable_layers}")
+    trainable = {id(p) for layer in layers[len(layers) - trainable_layers :] for p in layer.parameters()}
+    trainable |= {id(p) for p in model.head.parameters()}
+    for parameter in model.backbone.parameters():
+        if id(parameter) not in trainable:
+            parameter.requires_grad_(False)
 
 
 def save_checkpoint(

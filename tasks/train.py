@@ -16,15 +16,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch import nn
 
-from tasks.data import Splits, project_texts
-from tasks.model import TextClassifier, build_classifier, load_checkpoint, load_tokenizer, save_checkpoint
+from tasks.model import TextClassifier, build_classifier, freeze_lower_layers, load_checkpoint, load_tokenizer, save_checkpoint
+
+if TYPE_CHECKING:
+    from tasks.data import Splits
 
 BUCKET_BATCHES = 16  # length-sort within windows of this many batches: little padding, still shuffled
 PRECISIONS = ("fp32", "bf16")
@@ -68,6 +69,10 @@ def tokenize_texts(texts: list[str], labels: list[int], tokenizer, max_length: i
 
 def tokenize_splits(splits: Splits, backbone: str, max_length: int) -> TokenizedData:
     """Clean and tokenize train and validation once, for every trial to share."""
+    # Imported here, on the driver: trial workers import this module and need neither the text
+    # cleaning nor scikit-learn, which tasks.data pulls in (seconds of start-up per worker).
+    from tasks.data import project_texts
+
     tokenizer = load_tokenizer(backbone)
 
     def encode(frame) -> TokenizedSplit:
@@ -208,12 +213,22 @@ def predict_logits(
     return restored
 
 
+def weighted_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """F1 per class averaged with class supports as weights (sklearn's average="weighted")."""
+    total = 0.0
+    for label in np.unique(labels):
+        true_positive = np.sum((predicted == label) & (labels == label))
+        support, chosen = np.sum(labels == label), np.sum(predicted == label)
+        if true_positive:
+            total += support * 2 * true_positive / (support + chosen)
+    return float(total / len(labels)) if len(labels) else 0.0
+
+
 def validate(model, split, batch_size, pad_token_id, loss_fn, device="cpu", precision="fp32") -> tuple[float, float]:
     logits = predict_logits(model, split, batch_size, pad_token_id, device, precision)
     labels = torch.tensor(split.labels)
     val_loss = loss_fn(logits, labels).item()
-    val_f1 = f1_score(split.labels, logits.argmax(dim=1).numpy(), average="weighted", zero_division=0)
-    return val_loss, float(val_f1)
+    return val_loss, weighted_f1(split.labels, logits.argmax(dim=1).numpy())
 
 
 # `report(metrics, save)` receives each epoch's metrics and, when val_loss improved, a function that
@@ -231,6 +246,7 @@ def train_classifier(
     resume_from: Optional[Path] = None,
     device: str = "cpu",
     precision: str = "fp32",
+    trainable_layers: Optional[int] = None,
 ) -> None:
     """Fine-tune backbone + head with AdamW and ReduceLROnPlateau, reporting every epoch.
 
@@ -251,10 +267,11 @@ def train_classifier(
     else:  # a retried trial continues from its best checkpoint (weights and LR; not optimizer moments)
         model, _, saved = load_checkpoint(resume_from)
         first_epoch, best_val_loss, lr = saved["epoch"] + 1, saved["val_loss"], saved["lr"]
+    freeze_lower_layers(model, trainable_layers)
     model.to(device)
     tokenizer = functools.cache(lambda: load_tokenizer(data.backbone))  # only needed to save a checkpoint
 
-    optimizer = make_optimizer(model.parameters(), lr)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=float(config["lr_factor"]), patience=int(config["lr_patience"])
     )
@@ -292,6 +309,7 @@ def train_classifier(
                 "backbone": data.backbone,
                 "class_to_index": data.class_to_index,
                 "max_length": data.max_length,
+                "trainable_layers": trainable_layers,
                 "dropout_p": float(config["dropout_p"]),
                 "hyperparameters": {k: float(v) for k, v in config.items()},
                 "epoch": epoch,

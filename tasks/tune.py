@@ -13,12 +13,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 import ray
-import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler
@@ -27,7 +25,8 @@ from ray.tune.search.hyperopt import HyperOptSearch
 
 from tasks import tracking
 from tasks.settings import TuneSettings
-from tasks.train import TokenizedData, train_classifier
+from tasks.train import TokenizedData
+from tasks.trial import run_trial
 
 logger = logging.getLogger(__name__)
 
@@ -43,46 +42,6 @@ SEARCH_SPACE = {
 
 class ResourceError(RuntimeError):
     """A trial asks for more than the Ray cluster has: it would stay PENDING forever."""
-
-
-# Fault injection for the test suite, unset in normal use: "<epoch>:<folder>" makes each trial raise
-# once just before reporting that epoch, so Tune's retry and the resume from checkpoint run for real.
-INJECT_FAULT_ENV = "TAGIFAI_INJECT_FAULT"
-
-
-def _maybe_inject_fault(epoch: int) -> None:
-    spec = os.environ.get(INJECT_FAULT_ENV)
-    if not spec:
-        return
-    fault_epoch, folder = spec.split(":", 1)
-    marker = Path(folder) / tune.get_context().get_trial_id()
-    if epoch == int(fault_epoch) and not marker.exists():
-        marker.touch()
-        raise RuntimeError(f"injected fault at epoch {epoch} ({INJECT_FAULT_ENV})")
-
-
-def run_trial(config: dict, data: TokenizedData, num_epochs: int, batch_size: int, seed: int) -> None:
-    """One trial: threads matched to its CPUs, resumed from its checkpoint when retried."""
-    assigned = ray.get_runtime_context().get_assigned_resources()
-    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
-    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
-
-    def report(metrics: dict, save) -> None:
-        _maybe_inject_fault(metrics["epoch"])
-        if save is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="tagifai-ckpt-") as folder:
-            save(Path(folder))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        train_classifier(config, data, num_epochs, batch_size, report, seed=seed, device=device)
-    else:
-        with checkpoint.as_directory() as folder:
-            train_classifier(config, data, num_epochs, batch_size, report, seed=seed, device=device,
-                             resume_from=Path(folder))
 
 
 class TrialTracker(tune.Callback):
@@ -188,7 +147,12 @@ def claim_experiment_dir(storage: Path, settings: TuneSettings, data_fingerprint
 
 def _trainable(data: TokenizedData, settings: TuneSettings):
     trainable = tune.with_parameters(
-        run_trial, data=data, num_epochs=settings.num_epochs, batch_size=settings.batch_size, seed=settings.seed
+        run_trial,
+        data=data,
+        num_epochs=settings.num_epochs,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        trainable_layers=settings.trainable_layers,
     )
     return tune.with_resources(trainable, {"cpu": settings.cpu_per_worker, "gpu": settings.gpu_per_worker})
 

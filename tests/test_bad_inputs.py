@@ -101,6 +101,10 @@ def bad_cases(tmp: Path, http_base: str, silent_url: str, tiny_backbone: Path) -
         "initial params not JSON": (data + ["--initial-params", "[{lr: 1}"], "not valid JSON"),
         "initial params unknown key": (data + ["--initial-params", '{"learning_rate": 1e-4}'], "unknown keys"),
         "initial params out of space": (data + ["--initial-params", '{"dropout_p": 1.5}'], "outside the search space"),
+        "trainable layers not a number": (data + ["--trainable-layers", "top"], "--trainable-layers"),
+        "more trainable layers than the model": (
+            data + ["--model", str(tiny_backbone), "--trainable-layers", "3"], "exceeds the 2 encoder layers"
+        ),
         "model that is not a model": (data + ["--model", str(tmp / "not_a_model")], "not a transformers model"),
         "unreachable tracking URI": (data + ["--tracking-uri", "http://127.0.0.1:9"], "not reachable"),
         "more CPUs than the cluster": (
@@ -114,7 +118,7 @@ CASE_NAMES = [
     "wrong delimiter", "missing column", "non-UTF-8 bytes", "binary file", "tag too rare to stratify",
     "only one tag", "holdout tag never seen", "num-runs 0", "negative epochs", "zero batch size",
     "initial params not JSON", "initial params unknown key", "initial params out of space",
-    "model that is not a model", "unreachable tracking URI", "more CPUs than the cluster",
+    "trainable layers not a number", "more trainable layers than the model", "model that is not a model", "unreachable tracking URI", "more CPUs than the cluster",
 ]
 
 

@@ -104,3 +104,17 @@ def test_timeline_attribution_adds_up():
     assert breakdown["mlflow_logging"] == pytest.approx(0.0, abs=0.05)
     assert breakdown["ray_tune_teardown"] == pytest.approx(0.5, abs=0.05)
     assert result["max_parallel_trials"] == 2
+
+
+def test_training_flops_count_only_the_work_done(tiny_backbone):
+    from benchmarks.train_bench import flop_parameters, training_flops_per_token
+    from tasks.model import build_classifier, encoder_layers
+
+    model = build_classifier(str(tiny_backbone), 4, 0.1)
+    total = flop_parameters(model)
+    layer = sum(p.numel() for p in encoder_layers(model.backbone)[1].parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    assert training_flops_per_token(model, None) == 6 * total  # everything trains: the usual 6N
+    # top layer + head: forward everywhere, weight gradients for both, input gradient for the head only
+    assert training_flops_per_token(model, 1) == 2 * total + 2 * (layer + head) + 2 * head
+    assert training_flops_per_token(model, 0) == 2 * total + 2 * head  # a linear probe

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import tiny_settings
 from tasks import tracking
-from tasks.tune import INJECT_FAULT_ENV
+from tasks.trial import INJECT_FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ import torch
 
 from tasks import model as model_module
 from tasks.data import load_dataset, split_dataset
-from tasks.model import ModelError, build_classifier, load_checkpoint, save_checkpoint
+from tasks.model import ModelError, build_classifier, freeze_lower_layers, load_checkpoint, save_checkpoint
 from tasks.predict import Predictor
 from tasks.settings import DEFAULT_BACKBONE
-from tasks.train import TokenizedSplit, iterate_batches, tokenize_splits, train_classifier
+from tasks.train import TokenizedSplit, iterate_batches, tokenize_splits, train_classifier, weighted_f1
 
 CONFIG = {"dropout_p": 0.3, "lr": 5e-4, "lr_factor": 0.8, "lr_patience": 3}
 
@@ -123,3 +123,48 @@ def test_default_backbone_checksum_mismatch_stops_with_clear_error(monkeypatch):
             model_module.resolve_backbone(DEFAULT_BACKBONE)
     finally:
         model_module.resolve_backbone.cache_clear()
+
+
+def test_weighted_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        size, classes = int(rng.integers(1, 40)), int(rng.integers(1, 5))
+        labels, predicted = rng.integers(0, classes, size), rng.integers(0, classes + 1, size)
+        expected = f1_score(labels, predicted, average="weighted", zero_division=0)
+        assert weighted_f1(labels, predicted) == pytest.approx(expected, abs=1e-12)
+
+
+def test_freezing_keeps_lower_layers_and_embeddings_unchanged(tiny_data, tiny_backbone, tmp_path):
+    model = build_classifier(str(tiny_backbone), 4, 0.1)
+    freeze_lower_layers(model, trainable_layers=1)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith(("backbone.encoder.layer.1.", "head.")) for name in trainable)
+    assert any(name.startswith("head.") for name in trainable)
+    with pytest.raises(ModelError, match="between 0 and 2"):
+        freeze_lower_layers(build_classifier(str(tiny_backbone), 4, 0.1), trainable_layers=3)
+
+    _, data = tiny_data
+    saved = {}
+    train_classifier(CONFIG, data, num_epochs=1, batch_size=16, trainable_layers=1,
+                     report=lambda metrics, save: saved.setdefault("save", save))
+    reference = build_classifier(str(tiny_backbone), 4, 0.1).state_dict()
+    folder = tmp_path / "frozen-checkpoint"
+    saved["save"](folder)
+    trained = load_checkpoint(folder)[0].state_dict()
+    for name, tensor in trained.items():
+        if name.startswith(("backbone.embeddings.", "backbone.encoder.layer.0.")):
+            assert torch.equal(tensor, reference[name]), name
+    changed = [n for n in trained if n.startswith("backbone.encoder.layer.1.") and not torch.equal(trained[n], reference[n])]
+    assert changed  # the top layer did train
+
+
+def test_trial_workers_do_not_import_driver_only_libraries():
+    """Each trial worker imports tasks.trial; MLflow, HyperOpt and scikit-learn would add seconds."""
+    import subprocess
+    import sys
+
+    code = "import sys, tasks.trial; print(sorted(m for m in ('mlflow', 'hyperopt', 'sklearn', 'prefect') if m in sys.modules))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
