@@ -227,6 +227,10 @@ def tune_hyperparameters(
     client = MlflowClient(tracking_uri)
     with claim_experiment_dir(Path(settings.storage_path).resolve(), settings, data_fingerprint) as path:
         resumed = tune.Tuner.can_restore(str(path))
+        # Keeping one checkpoint per trial makes Tune snapshot its state after every improving
+        # epoch and warn that this "may become a bottleneck"; into a local folder it is a small
+        # file copy (the benchmark finds < 0.1 s of Tune bookkeeping per study): only noise.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         started_ray = connect_ray(settings)
         try:
             check_resources(settings)
