@@ -62,7 +62,10 @@ def main() -> None:
     texts = project_texts(development)
     labels = [splits.class_to_index[tag] for tag in development["tag"]]
     tokenizer = load_tokenizer(args.model)
-    folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=args.seed).split(texts, labels))
+    folds = [  # tokenized once; every choice trains on the same fold data
+        fold_data(texts, labels, train_idx, val_idx, tokenizer, splits.class_to_index, args.model, args.max_length)
+        for train_idx, val_idx in StratifiedKFold(args.folds, shuffle=True, random_state=args.seed).split(texts, labels)
+    ]
     config = dict(DEFAULT_INITIAL_PARAMS[0])
     print(f"{len(texts)} development rows (test split of {len(splits.test)} rows excluded), {args.folds} folds")
 
@@ -70,9 +73,7 @@ def main() -> None:
     for choice in args.choice:
         trainable_layers, batch_size = parse_choice(choice)
         per_fold = []
-        for fold, (train_idx, val_idx) in enumerate(folds):
-            data = fold_data(texts, labels, train_idx, val_idx, tokenizer, splits.class_to_index, args.model,
-                             args.max_length)
+        for fold, data in enumerate(folds):
             history = []
             started = time.perf_counter()
             train_classifier(config, data, args.epochs, batch_size, lambda metrics, save: history.append(metrics),

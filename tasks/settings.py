@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -57,7 +57,8 @@ class TuneSettings(BaseModel):
     num_epochs: int = Field(4, ge=1, le=1000, description="Maximum epochs per trial (ASHA max_t).")
     batch_size: int = Field(32, ge=1, le=4096, description="Training batch size.")
     max_length: int = Field(128, ge=8, le=4096, description="Truncate texts to this many tokens.")
-    trainable_layers: Optional[int] = Field(
+    # "all" is read as None (train everything); a str-typed CLI option, as the type is not a plain int.
+    trainable_layers: Union[int, Literal["all"], None] = Field(
         TRAINABLE_LAYERS_DEFAULT,
         ge=0,
         description="Fine-tune only the top N encoder layers and the head; the embeddings and lower layers "
@@ -162,7 +163,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
-            type=str if name == "trainable_layers" else _cli_type(field.annotation),  # a number or "all"
+            type=_cli_type(field.annotation),
             required=field.is_required(),
             default=argparse.SUPPRESS,
             help=help_text,

@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated Prefect home, a tiny random BERT, and one tiny tuning run."""
+"""Shared fixtures: an isolated Prefect home, a tiny random BERT, one tiny tuning run and the demo served from it."""
 
 from __future__ import annotations
 
@@ -107,3 +107,30 @@ def launched(demo):
             yield url
         finally:
             demo.close()
+
+
+@pytest.fixture(scope="module")
+def served(tuned_store):
+    """The champion's predictor and provenance, as `python -m demo.app` would load them."""
+    from demo.app import load_model
+
+    settings = tuned_store["settings"]
+    return load_model(settings.tracking_uri, experiment_name=settings.experiment_name)
+
+
+@pytest.fixture(scope="module")
+def experiment(tuned_store, served, tmp_path_factory):
+    """The Experiment tab's data for the served run, as the demo's `main` reads it at start."""
+    from demo.experiment import load_experiment
+
+    return load_experiment(tuned_store["settings"].tracking_uri, served[1].run_id, tmp_path_factory.mktemp("experiment"))
+
+
+@pytest.fixture(scope="module")
+def demo_url(served, experiment):
+    """The demo app as a real server on a free loopback port: its URL."""
+    from demo.app import build_app
+
+    predictor, provenance = served
+    with launched(build_app(predictor, provenance, experiment)) as url:
+        yield url

@@ -13,10 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import launched
-
-from demo.app import EXAMPLES, MAX_FIELD_CHARS, build_app, load_model, main, score_frame
-from demo.experiment import PARAMETERS, load_experiment, read_experiment
+from demo.app import EXAMPLES, MAX_FIELD_CHARS, load_model, main, score_frame
+from demo.experiment import PARAMETERS, read_experiment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,31 +29,11 @@ def store(tuned_store) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(store):
-    """The champion's predictor and provenance, as `python -m demo.app` would load them."""
-    return load_model(store["tracking_uri"], experiment_name=store["experiment_name"])
-
-
-@pytest.fixture(scope="module")
-def experiment(store, served, tmp_path_factory):
-    """The Experiment tab's data for the served run, as `main` reads it at start."""
-    return load_experiment(store["tracking_uri"], served[1].run_id, tmp_path_factory.mktemp("experiment"))
-
-
-@pytest.fixture(scope="module")
-def server(served, experiment):
-    """The app as a real server on a free loopback port: its URL."""
-    predictor, provenance = served
-    with launched(build_app(predictor, provenance, experiment)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
+def client(demo_url):
     """A gradio_client talking to the server."""
     from gradio_client import Client
 
-    return Client(server, verbose=False)
+    return Client(demo_url, verbose=False)
 
 
 def test_champion_is_served_with_its_provenance(served, store):
@@ -143,15 +121,15 @@ def test_score_frame_keeps_rows_and_leaves_textless_rows_blank(served):
     np.testing.assert_allclose(probabilities.iloc[[0, 2]].sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_page_config_carries_the_trials_and_serves_the_plots(server, experiment):
+def test_page_config_carries_the_trials_and_serves_the_plots(demo_url, experiment):
     import httpx
 
-    config = httpx.get(f"{server.rstrip('/')}/config", timeout=30).json()
+    config = httpx.get(f"{demo_url.rstrip('/')}/config", timeout=30).json()
     by_id = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
     rows = by_id["trials-table"]["value"]["data"]
     assert sorted(row[1] for row in rows) == sorted(experiment.trials["trial_id"])
     for elem_id in ("parallel-coordinates", "learning-curves"):
-        image = httpx.get(urljoin(server, by_id[elem_id]["value"]["url"]), timeout=30)
+        image = httpx.get(urljoin(demo_url, by_id[elem_id]["value"]["url"]), timeout=30)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 

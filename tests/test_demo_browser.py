@@ -11,11 +11,6 @@ from urllib.parse import urlparse
 
 import pytest
 
-from conftest import launched
-
-from demo.app import build_app, load_model
-from demo.experiment import load_experiment
-
 PLOTS = ("parallel-coordinates", "learning-curves")  # the Experiment tab's images, by elem_id
 PAGE_TIMEOUT_S = 90  # a loaded CI box can take a while to start the page's JavaScript
 CHROME_FLAGS = [
@@ -31,24 +26,6 @@ CHROME_FLAGS = [
     # No network but the app: every other host name fails to resolve, so a CDN font or script would be missed.
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
 ]
-
-
-@pytest.fixture(scope="module")
-def served(tuned_store):
-    settings = tuned_store["settings"]
-    return load_model(settings.tracking_uri, experiment_name=settings.experiment_name)
-
-
-@pytest.fixture(scope="module")
-def experiment(tuned_store, served, tmp_path_factory):
-    return load_experiment(tuned_store["settings"].tracking_uri, served[1].run_id, tmp_path_factory.mktemp("experiment"))
-
-
-@pytest.fixture(scope="module")
-def app_url(served, experiment):
-    predictor, provenance = served
-    with launched(build_app(predictor, provenance, experiment)) as url:
-        yield url
 
 
 @pytest.fixture(scope="session")
@@ -116,12 +93,12 @@ def requested_urls(driver) -> list[str]:
     return urls
 
 
-def test_page_predicts_offline(browser, app_url, served, tmp_path):
+def test_page_predicts_offline(browser, demo_url, served, tmp_path):
     from selenium.webdriver.common.by import By
 
     predictor, provenance = served
     title = "Counting seabirds in drone footage"
-    wait = open_page(browser, app_url)
+    wait = open_page(browser, demo_url)
     browser.find_element(By.CSS_SELECTOR, "#title textarea").send_keys(title)
     browser.find_element(By.ID, "predict-button").click()
 
@@ -145,10 +122,10 @@ def test_page_predicts_offline(browser, app_url, served, tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 10_000
 
 
-def test_empty_input_shows_a_message(browser, app_url):
+def test_empty_input_shows_a_message(browser, demo_url):
     from selenium.webdriver.common.by import By
 
-    wait = open_page(browser, app_url)
+    wait = open_page(browser, demo_url)
     browser.find_element(By.ID, "predict-button").click()
     message = wait.until(
         lambda page: next((e.text for e in page.find_elements(By.CSS_SELECTOR, "[data-testid='toast-text']") if e.text), None)
@@ -157,10 +134,10 @@ def test_empty_input_shows_a_message(browser, app_url):
     assert "Traceback" not in browser.page_source
 
 
-def test_experiment_tab_shows_the_trials_and_plots(browser, app_url, experiment, tmp_path):
+def test_experiment_tab_shows_the_trials_and_plots(browser, demo_url, experiment, tmp_path):
     from selenium.webdriver.common.by import By
 
-    wait = open_page(browser, app_url)
+    wait = open_page(browser, demo_url)
     browser.find_element(By.XPATH, "//button[@role='tab' and normalize-space()='Experiment']").click()
     trial_ids = list(experiment.trials["trial_id"])
     table_text = wait.until(
