@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from tasks.data import load_dataset, project_texts, split_dataset
-from tasks.model import load_tokenizer
-from tasks.settings import DEFAULT_BACKBONE, DEFAULT_INITIAL_PARAMS
-from tasks.train import TokenizedData, tokenize_texts, train_classifier
+from tagifai.data import load_dataset, project_texts, split_dataset
+from tagifai.model import load_tokenizer
+from tagifai.settings import DEFAULT_BACKBONE, DEFAULT_INITIAL_PARAMS
+from tagifai.train import TokenizedData, tokenize_texts, train_classifier
 
 
 def parse_choice(text: str) -> tuple[int | None, int]:

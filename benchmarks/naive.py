@@ -1,8 +1,8 @@
-"""The straightforward fine-tuning loop that tasks/train.py is measured against.
+"""The straightforward fine-tuning loop that tagifai/train.py is measured against.
 
 What a first version usually does: tokenize inside the trial, pad the whole dataset to its longest
 sequence, wrap the tensors in a shuffling `DataLoader`, fp32, PyTorch's default AdamW. Same model,
-seed, hyperparameters and validation metric as `tasks.train.train_classifier`, so only speed differs.
+seed, hyperparameters and validation metric as `tagifai.train.train_classifier`, so only speed differs.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tasks.data import Splits, project_texts
-from tasks.model import build_classifier, load_tokenizer
+from tagifai.data import Splits, project_texts
+from tagifai.model import build_classifier, load_tokenizer
 
 
 class NaiveTrial:

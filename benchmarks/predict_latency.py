@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.data import TEXT_COLUMNS, load_dataset
-from tasks.model import build_classifier, load_tokenizer, save_checkpoint
-from tasks.predict import Predictor
-from tasks.settings import DEFAULT_BACKBONE
+from tagifai.data import TEXT_COLUMNS, load_dataset
+from tagifai.model import build_classifier, load_tokenizer, save_checkpoint
+from tagifai.predict import Predictor
+from tagifai.settings import DEFAULT_BACKBONE
 
 TAGS = ["computer-vision", "mlops", "natural-language-processing", "other"]
 
 
 def build_untrained_checkpoint(backbone: str, folder: Path, max_length: int = 128) -> Path:
-    """A checkpoint shaped like the ones tasks/train.py writes, with a random head."""
+    """A checkpoint shaped like the ones tagifai/train.py writes, with a random head."""
     dropout_p = 0.5
     model = build_classifier(backbone, len(TAGS), dropout_p)
     args = {

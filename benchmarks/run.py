@@ -31,9 +31,9 @@ import torch
 from benchmarks import train_bench
 from benchmarks.predict_latency import batch_throughput, single_latencies_ms
 from benchmarks.proctree import LoadSampler, TreeSampler
-from tasks.data import load_dataset, split_dataset
-from tasks.predict import Predictor
-from tasks.settings import DEFAULT_BACKBONE, TuneSettings
+from tagifai.data import load_dataset, split_dataset
+from tagifai.predict import Predictor
+from tagifai.settings import DEFAULT_BACKBONE, TuneSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {  # metric path, comparison, threshold: the targets for a 2-core CPU

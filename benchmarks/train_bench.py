@@ -1,4 +1,4 @@
-"""Training speed: tasks/train.py against the naive loop, the machine's matmul rate, and each lever.
+"""Training speed: tagifai/train.py against the naive loop, the machine's matmul rate, and each lever.
 
 Everything that is compared is interleaved in one process (optimized epoch, naive epoch, matmul
 burst, ...), so load from other jobs on the machine hits both sides of every ratio alike.
@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from benchmarks.naive import NaiveTrial, full_padding_waste
-from tasks import model as model_module
-from tasks.data import Splits
-from tasks.model import build_classifier, encoder_layers, load_tokenizer, save_checkpoint
-from tasks.settings import DEFAULT_INITIAL_PARAMS
-from tasks.train import (
+from tagifai import model as model_module
+from tagifai.data import Splits
+from tagifai.model import build_classifier, encoder_layers, load_tokenizer, save_checkpoint
+from tagifai.settings import DEFAULT_INITIAL_PARAMS
+from tagifai.train import (
     TokenizedData, TokenizedSplit, batch_order, bf16_supported, iterate_batches, make_optimizer,
     tokenize_splits, train_classifier,
 )

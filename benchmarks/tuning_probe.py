@@ -4,7 +4,7 @@
 
 benchmarks/run.py starts this in a child process (a clean process tree to measure memory over).
 Nothing in flows/ or tasks/ is changed: module attributes are wrapped with timers at run time,
-and the trials' own timings come from Ray Tune's result.json files (tasks/train.py reports
+and the trials' own timings come from Ray Tune's result.json files (tagifai/train.py reports
 `epoch_time_s` and `epoch_end_unix` every epoch). The analysis is described in `attribute`.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 GRID_S = 0.01  # resolution of the timeline attribution
-MLFLOW_CATEGORIES = {  # tasks.tracking functions that are not per-epoch logging
+MLFLOW_CATEGORIES = {  # tagifai.tracking functions that are not per-epoch logging
     "log_checkpoint": "checkpoint_writes",
     "resolve_tracking_uri": "mlflow_store_setup",
     "prepare_sqlite_store": "mlflow_store_setup",
@@ -90,8 +90,8 @@ def instrument(timeline: Timeline):
     from prefect import Flow, Task
 
     import flows.tune as flow_module
-    import tasks.tracking as tracking
-    import tasks.tune as tune_module
+    import tagifai.tracking as tracking
+    import tagifai.tune as tune_module
 
     flow = flow_module.tune_classifier
     assert isinstance(flow, Flow)
@@ -158,7 +158,7 @@ def attribute(timeline: Timeline, trials: list[dict], called: float, returned: f
     with two trials side by side, a second counts once however many trials computed in it.
     Overhead is the rest of the wall time. Each 10 ms of it goes to the first kind in `kinds` that
     was under way then, so the kinds add up to the overhead exactly. Driver-side kinds are timed
-    calls (Prefect engine, tasks.tracking, connect_ray, ...). Trial-side kinds come from timestamps:
+    calls (Prefect engine, tagifai.tracking, connect_ray, ...). Trial-side kinds come from timestamps:
     `trial_launch` from a slot freeing (fit start or the end of the trial it replaces) to Tune's
     on_trial_start (placement, the worker process starting and importing), `trial_start` from
     there to the first epoch (data fetch, model build), `checkpoint_writes` the gap after an epoch
@@ -278,7 +278,7 @@ WARM_UP = """
 import sys, time
 from mlflow.tracking import MlflowClient
 from prefect import flow
-from tasks import tracking
+from tagifai import tracking
 started = time.time()
 uri = tracking.resolve_tracking_uri(sys.argv[1])
 tracking.get_or_create_experiment(MlflowClient(uri), sys.argv[2], uri)
@@ -304,7 +304,7 @@ def warm_stores(settings) -> dict:
 
 
 def run(options) -> dict:
-    from tasks.settings import TuneSettings
+    from tagifai.settings import TuneSettings
 
     workdir = Path(options.workdir).resolve()
     (workdir / "mlruns").mkdir(parents=True, exist_ok=True)

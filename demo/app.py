@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 
 from demo.experiment import Experiment, experiment_tab, load_experiment
-from tasks import tracking
-from tasks.data import TEXT_COLUMNS, DataError, parse_table
-from tasks.model import ModelError
-from tasks.predict import Predictor
+from tagifai import tracking
+from tagifai.data import TEXT_COLUMNS, DataError, parse_table
+from tagifai.model import ModelError
+from tagifai.predict import Predictor
 
 # Errors whose message already names the problem and the fix: printed without a traceback.
 USER_ERRORS = (tracking.TrackingError, ModelError, DataError)

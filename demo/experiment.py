@@ -17,7 +17,7 @@ from typing import Optional
 import gradio as gr
 import pandas as pd
 
-from tasks import plots, tracking
+from tagifai import plots, tracking
 
 MAX_RUNS = 500  # the whole-experiment fallback must stay quick to read at start
 PARAMETERS = plots.PARAMETER_AXES

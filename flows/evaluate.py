@@ -12,10 +12,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.tune import USER_ERRORS, command_line_run, load_data
-from tasks import tracking
-from tasks.evaluate import evaluate_frame
-from tasks.predict import load_run_predictor
-from tasks.settings import EvaluateSettings, parse_settings
+from tagifai import tracking
+from tagifai.evaluate import evaluate_frame
+from tagifai.predict import load_run_predictor
+from tagifai.settings import EvaluateSettings, parse_settings
 
 
 @flow(name="evaluate-classifier")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import sys
 
-from tasks import tracking
-from tasks.predict import load_run_predictor
-from tasks.settings import PredictSettings, parse_settings
+from tagifai import tracking
+from tagifai.predict import load_run_predictor
+from tagifai.settings import PredictSettings, parse_settings
 from flows.tune import USER_ERRORS
 
 

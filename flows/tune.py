@@ -24,14 +24,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.settings import temporary_settings
 
-from tasks import plots, tracking
-from tasks.data import DataError, LoadedData, SourceUnavailableError, Splits, load_dataset, read_source_bytes, split_dataset
-from tasks.evaluate import evaluate_frame
-from tasks.predict import Predictor
-from tasks.settings import TuneSettings, parse_settings
-from tasks.train import TokenizedData, tokenize_splits
-from tasks.model import ModelError, check_backbone
-from tasks.tune import ResourceError, tune_hyperparameters
+from tagifai import plots, tracking
+from tagifai.data import DataError, LoadedData, SourceUnavailableError, Splits, load_dataset, read_source_bytes, split_dataset
+from tagifai.evaluate import evaluate_frame
+from tagifai.predict import Predictor
+from tagifai.settings import TuneSettings, parse_settings
+from tagifai.train import TokenizedData, tokenize_splits
+from tagifai.model import ModelError, check_backbone
+from tagifai.tune import ResourceError, tune_hyperparameters
 
 # Errors whose message already says what is wrong and what to do: no traceback for these.
 USER_ERRORS = (DataError, ModelError, tracking.TrackingError, ResourceError)

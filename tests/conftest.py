@@ -30,8 +30,8 @@ def make_tiny_backbone(folder: Path) -> Path:
     """A randomly initialised 2-layer, 32-wide BERT with the default backbone's tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from tasks.model import resolve_backbone
-    from tasks.settings import DEFAULT_BACKBONE
+    from tagifai.model import resolve_backbone
+    from tagifai.settings import DEFAULT_BACKBONE
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(DEFAULT_BACKBONE))
     config = BertConfig(
@@ -53,7 +53,7 @@ def tiny_backbone(tmp_path_factory) -> Path:
 
 
 def tiny_settings(workdir: Path, backbone: Path, **overrides):
-    from tasks.settings import TuneSettings
+    from tagifai.settings import TuneSettings
 
     values = dict(
         experiment_name="tiny",
@@ -79,7 +79,7 @@ def tuned_store(tmp_path_factory, tiny_backbone):
 
     import pandas as pd
 
-    from tasks.data import sample_dataset_path
+    from tagifai.data import sample_dataset_path
 
     workdir = tmp_path_factory.mktemp("tuned")
     # The sample rows in reverse order: new bytes, so this run's load/split/tokenize are cache misses

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-import tasks.data
-from tasks.data import clean_text, load_dataset
+import tagifai.data
+from tagifai.data import clean_text, load_dataset
 
 TAGS = ["computer-vision", "mlops", "natural-language-processing", "other"]
 HEADER = "id,created_on,title,description,tag\n"
@@ -127,7 +127,7 @@ def test_bad_input_fails_fast_with_a_clear_message(case, tmp_path, local_http, s
                                                    monkeypatch, capsys):
     from flows.tune import main
 
-    monkeypatch.setattr(tasks.data, "URL_TIMEOUT_S", 1)
+    monkeypatch.setattr(tagifai.data, "URL_TIMEOUT_S", 1)
     argv, expected = bad_cases(tmp_path, local_http, silent_server, tiny_backbone)[case]
     store = tmp_path / "mlruns"
     store.mkdir()
@@ -167,4 +167,4 @@ def test_rows_without_text_and_duplicates_are_dropped_with_a_warning(tmp_path, c
 
 def test_a_one_megabyte_description_is_truncated_not_an_error(tmp_path):
     cleaned = clean_text("transformers " * 90_000)  # ~1.2 MB
-    assert 0 < len(cleaned) <= tasks.data.MAX_TEXT_CHARS
+    assert 0 < len(cleaned) <= tagifai.data.MAX_TEXT_CHARS

@@ -63,8 +63,8 @@ def test_benchmark_writes_sane_json(tiny_backbone, tiny_csv, tmp_path):
 def test_in_process_levers(tiny_backbone, tiny_csv):
     """The levers that need no extra processes (the thread and bf16 levers are left to real runs)."""
     from benchmarks import train_bench
-    from tasks.data import load_dataset, split_dataset
-    from tasks.train import tokenize_splits
+    from tagifai.data import load_dataset, split_dataset
+    from tagifai.train import tokenize_splits
 
     data = tokenize_splits(split_dataset(load_dataset(str(tiny_csv)).frame), str(tiny_backbone), 64)
     padding = train_bench.padding_lever(data.train, batch_size=8, seed=0)
@@ -108,7 +108,7 @@ def test_timeline_attribution_adds_up():
 
 def test_training_flops_count_only_the_work_done(tiny_backbone):
     from benchmarks.train_bench import flop_parameters, training_flops_per_token
-    from tasks.model import build_classifier, encoder_layers
+    from tagifai.model import build_classifier, encoder_layers
 
     model = build_classifier(str(tiny_backbone), 4, 0.1)
     total = flop_parameters(model)

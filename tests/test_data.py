@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks.data import (
+from tagifai.data import (
     DataError,
     check_trainable,
     clean_text,

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import plots
-from tasks.evaluate import evaluation_report
+from tagifai import plots
+from tagifai.evaluate import evaluation_report
 
 CLASSES = ["computer-vision", "natural-language-processing"]
 

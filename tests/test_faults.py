@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_settings
-from tasks import tracking
-from tasks.trial import INJECT_FAULT_ENV
+from tagifai import tracking
+from tagifai.trial import INJECT_FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_failing_trial_is_retried_from_its_checkpoint_and_failed_attempt_is_mark
         evaluate.main(["--run-id", summary["run_id"], "--dataset-loc", str(tmp_path / "missing.csv"),
                        "--tracking-uri", settings.tracking_uri])
     assert "not found" in str(exit_info.value.code)  # data is checked first...
-    from tasks.data import sample_dataset_path
+    from tagifai.data import sample_dataset_path
 
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--run-id", summary["run_id"], "--dataset-loc", str(sample_dataset_path()),

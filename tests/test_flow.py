@@ -7,7 +7,7 @@ import json
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_settings
-from tasks import tracking
+from tagifai import tracking
 
 
 def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):
@@ -70,7 +70,7 @@ def test_second_run_with_same_inputs_reuses_cached_steps(tuned_store, tiny_backb
 
 def test_evaluate_and_predict_clis_read_the_tracked_run(tuned_store, tmp_path, capsys):
     from flows import evaluate, predict
-    from tasks.data import sample_dataset_path
+    from tagifai.data import sample_dataset_path
 
     settings, summary = tuned_store["settings"], tuned_store["summary"]
     out = tmp_path / "eval.json"

@@ -193,7 +193,7 @@ def test_tuning_deployment_run_publishes_artifacts_and_summary(stack, tuning_run
 def test_trials_and_checkpoints_are_served_by_the_mlflow_server(stack, tuning_run):
     from mlflow.tracking import MlflowClient
 
-    from tasks.predict import load_run_predictor
+    from tagifai.predict import load_run_predictor
 
     _, summary = tuning_run
     client = MlflowClient(stack.mlflow_url)
@@ -220,7 +220,7 @@ def test_evaluate_deployment_scores_the_best_run_from_the_mlflow_server(stack, t
     settings = {
         "run_id": summary["run_id"],
         # Relative on purpose: it resolves only if the pull step moved the run into the repository.
-        "dataset_loc": "tasks/sample_projects.csv",
+        "dataset_loc": "tagifai/sample_projects.csv",
         "tracking_uri": stack.mlflow_url,
         "results_fp": str(results_fp),
     }

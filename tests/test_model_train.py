@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import model as model_module
-from tasks.data import load_dataset, split_dataset
-from tasks.model import ModelError, build_classifier, freeze_lower_layers, load_checkpoint, save_checkpoint
-from tasks.predict import Predictor
-from tasks.settings import DEFAULT_BACKBONE
-from tasks.train import TokenizedSplit, iterate_batches, tokenize_splits, train_classifier, weighted_f1
+from tagifai import model as model_module
+from tagifai.data import load_dataset, split_dataset
+from tagifai.model import ModelError, build_classifier, freeze_lower_layers, load_checkpoint, save_checkpoint
+from tagifai.predict import Predictor
+from tagifai.settings import DEFAULT_BACKBONE
+from tagifai.train import TokenizedSplit, iterate_batches, tokenize_splits, train_classifier, weighted_f1
 
 CONFIG = {"dropout_p": 0.3, "lr": 5e-4, "lr_factor": 0.8, "lr_patience": 3}
 
@@ -61,7 +61,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tiny_data, tiny_backb
     splits, data = tiny_data
     torch.manual_seed(0)
     model = build_classifier(str(tiny_backbone), len(data.class_to_index), 0.5).eval()
-    from tasks.model import load_tokenizer
+    from tagifai.model import load_tokenizer
 
     args = {"backbone": str(tiny_backbone), "class_to_index": data.class_to_index, "max_length": 64, "dropout_p": 0.5}
     save_checkpoint(model, load_tokenizer(str(tiny_backbone)), tmp_path / "ckpt", args)
@@ -81,7 +81,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tiny_data, tiny_backb
 def test_corrupted_checkpoint_is_refused(tiny_data, tiny_backbone, tmp_path):
     _, data = tiny_data
     model = build_classifier(str(tiny_backbone), len(data.class_to_index), 0.5)
-    from tasks.model import load_tokenizer
+    from tagifai.model import load_tokenizer
 
     args = {"backbone": "tiny", "class_to_index": data.class_to_index, "max_length": 64, "dropout_p": 0.5}
     folder = save_checkpoint(model, load_tokenizer(str(tiny_backbone)), tmp_path / "ckpt", args)
@@ -161,10 +161,10 @@ def test_freezing_keeps_lower_layers_and_embeddings_unchanged(tiny_data, tiny_ba
 
 
 def test_trial_workers_do_not_import_driver_only_libraries():
-    """Each trial worker imports tasks.trial; MLflow, HyperOpt and scikit-learn would add seconds."""
+    """Each trial worker imports tagifai.trial; MLflow, HyperOpt and scikit-learn would add seconds."""
     import subprocess
     import sys
 
-    code = "import sys, tasks.trial; print(sorted(m for m in ('mlflow', 'hyperopt', 'sklearn', 'prefect') if m in sys.modules))"
+    code = "import sys, tagifai.trial; print(sorted(m for m in ('mlflow', 'hyperopt', 'sklearn', 'prefect') if m in sys.modules))"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.settings import DEFAULT_INITIAL_PARAMS, TuneSettings, build_parser, parse_settings
+from tagifai.settings import DEFAULT_INITIAL_PARAMS, TuneSettings, build_parser, parse_settings
 
 
 def test_help_documents_every_option():

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.model import TextClassifier, build_classifier, freeze_lower_layers, load_checkpoint, load_tokenizer, save_checkpoint
+from tagifai.model import TextClassifier, build_classifier, freeze_lower_layers, load_checkpoint, load_tokenizer, save_checkpoint
 
 if TYPE_CHECKING:
-    from tasks.data import Splits
+    from tagifai.data import Splits
 
 BUCKET_BATCHES = 16  # length-sort within windows of this many batches: little padding, still shuffled
 PRECISIONS = ("fp32", "bf16")
@@ -70,8 +70,8 @@ def tokenize_texts(texts: list[str], labels: list[int], tokenizer, max_length: i
 def tokenize_splits(splits: Splits, backbone: str, max_length: int) -> TokenizedData:
     """Clean and tokenize train and validation once, for every trial to share."""
     # Imported here, on the driver: trial workers import this module and need neither the text
-    # cleaning nor scikit-learn, which tasks.data pulls in (seconds of start-up per worker).
-    from tasks.data import project_texts
+    # cleaning nor scikit-learn, which tagifai.data pulls in (seconds of start-up per worker).
+    from tagifai.data import project_texts
 
     tokenizer = load_tokenizer(backbone)
 

@@ -1,4 +1,4 @@
-"""The code a Ray Tune trial runs, kept apart from the driver-side tuning edge (tasks/tune.py).
+"""The code a Ray Tune trial runs, kept apart from the driver-side tuning edge (tagifai/tune.py).
 
 Each trial worker is a fresh process that imports this module; it imports only what training
 needs (Ray Tune's reporting, torch, transformers), not MLflow, HyperOpt or scikit-learn, which
@@ -15,7 +15,7 @@ import ray
 import torch
 from ray import tune
 
-from tasks.train import TokenizedData, release_freed_memory, train_classifier
+from tagifai.train import TokenizedData, release_freed_memory, train_classifier
 
 # Fault injection for the test suite, unset in normal use: "<epoch>:<folder>" makes each trial raise
 # once just before reporting that epoch, so Tune's retry and the resume from checkpoint run for real.

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from tasks.data import clean_text
-from tasks.predict import Predictor
+from tagifai.data import clean_text
+from tagifai.predict import Predictor
 
 SHORT_TEXT_WORDS = 5  # cleaned words; titles-only listings are the usual case
 VISION_TERMS = {"image", "images", "video", "videos", "vision", "visual", "pixel", "pixels", "camera",

@@ -8,9 +8,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tasks.data import clean_text
-from tasks.model import load_checkpoint
-from tasks.train import predict_logits, tokenize_texts
+from tagifai.data import clean_text
+from tagifai.model import load_checkpoint
+from tagifai.train import predict_logits, tokenize_texts
 
 
 class Predictor:
@@ -47,7 +47,7 @@ def load_run_predictor(
     """The predictor of `run_id`, or of the experiment's best run; and the run id used."""
     from mlflow.tracking import MlflowClient
 
-    from tasks import tracking
+    from tagifai import tracking
 
     client = MlflowClient(tracking_uri)
     run_id = run_id or tracking.best_run_id(client, experiment_name)

@@ -23,10 +23,10 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from tasks import tracking
-from tasks.settings import TuneSettings
-from tasks.train import TokenizedData
-from tasks.trial import run_trial
+from tagifai import tracking
+from tagifai.settings import TuneSettings
+from tagifai.train import TokenizedData
+from tagifai.trial import run_trial
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ class LoadedData:
 
 def sample_dataset_path() -> Path:
     """The sample dataset bundled with the package (original text written for this project)."""
-    return Path(str(resources.files("tasks").joinpath("sample_projects.csv")))
+    return Path(str(resources.files("tagifai").joinpath("sample_projects.csv")))
 
 
 def read_source_bytes(loc: str) -> bytes:

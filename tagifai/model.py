@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from tasks.settings import DEFAULT_BACKBONE
+from tagifai.settings import DEFAULT_BACKBONE
 
 # sha256 of all-MiniLM-L6-v2's model.safetensors, the file the hub publishes too.
 DEFAULT_BACKBONE_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
