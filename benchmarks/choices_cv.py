@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from tagifai.data import load_dataset, project_texts, split_dataset
 from tagifai.model import load_tokenizer
-from tagifai.settings import DEFAULT_BACKBONE, DEFAULT_INITIAL_PARAMS
+from tagifai.settings import DEFAULT_BACKBONE, DEFAULT_INITIAL_PARAMS, DEFAULT_SEED
 from tagifai.train import TokenizedData, tokenize_texts, train_classifier
 
 
@@ -39,8 +39,9 @@ def fold_data(texts, labels, train_idx, val_idx, tokenizer, class_to_index, back
     def encode(indices):
         return tokenize_texts([texts[i] for i in indices], [labels[i] for i in indices], tokenizer, max_length)
 
-    return TokenizedData(backbone, class_to_index, max_length, int(tokenizer.pad_token_id or 0),
-                         encode(train_idx), encode(val_idx))
+    return TokenizedData(
+        backbone, class_to_index, max_length, int(tokenizer.pad_token_id or 0), encode(train_idx), encode(val_idx)
+    )
 
 
 def main() -> None:
@@ -52,14 +53,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--out", help="write per-fold results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     splits = split_dataset(load_dataset(args.dataset_loc).frame, seed=args.seed)
     development = pd.concat([splits.train, splits.val], ignore_index=True)
-    texts = project_texts(development)
+    texts = project_texts(development["title"], development["description"])
     labels = [splits.class_to_index[tag] for tag in development["tag"]]
     tokenizer = load_tokenizer(args.model)
     folds = [  # tokenized once; every choice trains on the same fold data
@@ -76,19 +77,41 @@ def main() -> None:
         for fold, data in enumerate(folds):
             history = []
             started = time.perf_counter()
-            train_classifier(config, data, args.epochs, batch_size, lambda metrics, save: history.append(metrics),
-                             seed=args.seed, trainable_layers=trainable_layers)
+            train_classifier(
+                config,
+                data,
+                num_epochs=args.epochs,
+                batch_size=batch_size,
+                report=lambda metrics, save, history=history: history.append(metrics),
+                seed=args.seed,
+                trainable_layers=trainable_layers,
+                precision="fp32",
+            )
             best = min(history, key=lambda m: m["val_loss"])
-            per_fold.append({"fold": fold, "val_loss": best["val_loss"], "val_f1": best["val_f1"],
-                             "best_epoch": best["epoch"], "last_f1": history[-1]["val_f1"],
-                             "train_s": sum(m["train_time_s"] for m in history), "wall_s": time.perf_counter() - started})
-            print(f"{choice} fold {fold}: loss {best['val_loss']:.3f} f1 {best['val_f1']:.3f} "
-                  f"(epoch {best['epoch']}) train {per_fold[-1]['train_s']:.1f}s", flush=True)
+            per_fold.append(
+                {
+                    "fold": fold,
+                    "val_loss": best["val_loss"],
+                    "val_f1": best["val_f1"],
+                    "best_epoch": best["epoch"],
+                    "last_f1": history[-1]["val_f1"],
+                    "train_s": sum(m["epoch_time_s"] for m in history),
+                    "wall_s": time.perf_counter() - started,
+                }
+            )
+            print(
+                f"{choice} fold {fold}: loss {best['val_loss']:.3f} f1 {best['val_f1']:.3f} "
+                f"(epoch {best['epoch']}) train {per_fold[-1]['train_s']:.1f}s",
+                flush=True,
+            )
         results[choice] = per_fold
         f1s = [f["val_f1"] for f in per_fold]
-        print(f"== {choice}: mean f1 {statistics.mean(f1s):.4f} (sd {statistics.stdev(f1s):.4f}), "
-              f"mean loss {statistics.mean(f['val_loss'] for f in per_fold):.4f}, "
-              f"train {sum(f['train_s'] for f in per_fold):.0f}s", flush=True)
+        print(
+            f"== {choice}: mean f1 {statistics.mean(f1s):.4f} (sd {statistics.stdev(f1s):.4f}), "
+            f"mean loss {statistics.mean(f['val_loss'] for f in per_fold):.4f}, "
+            f"train {sum(f['train_s'] for f in per_fold):.0f}s",
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -46,7 +46,13 @@ class NaiveTrial:
 
     @staticmethod
     def _encode(splits: Splits, frame, tokenizer, max_length: int) -> TensorDataset:
-        encoded = tokenizer(project_texts(frame), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        encoded = tokenizer(
+            project_texts(frame["title"], frame["description"]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         labels = torch.tensor([splits.class_to_index[tag] for tag in frame["tag"]])
         return TensorDataset(encoded["input_ids"], encoded["attention_mask"], labels)
 

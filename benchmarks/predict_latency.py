@@ -61,7 +61,9 @@ def single_latencies_ms(
     return np.asarray(wall), np.asarray(cpu)
 
 
-def batch_throughput(predictor: Predictor, titles: list[str], descriptions: list[str], batch_size: int, repeats: int) -> float:
+def batch_throughput(
+    predictor: Predictor, titles: list[str], descriptions: list[str], batch_size: int, repeats: int
+) -> float:
     """Examples per second when scoring `batch_size` rows per call (as the CSV upload does)."""
     batch_titles = [titles[i % len(titles)] for i in range(batch_size)]
     batch_descriptions = [descriptions[i % len(descriptions)] for i in range(batch_size)]

@@ -51,7 +51,13 @@ def _rss_and_pss(pid: int) -> tuple[int, int]:
 
 def _command(pid: int) -> str:
     try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:90]
+        return (
+            (Path("/proc") / str(pid) / "cmdline")
+            .read_bytes()
+            .replace(b"\0", b" ")
+            .decode(errors="replace")
+            .strip()[:90]
+        )
     except OSError:
         return "?"
 
@@ -77,7 +83,8 @@ class TreeSampler(threading.Thread):
         sizes = [_rss_and_pss(pid) for pid in pids]
         if sum(rss for rss, _ in sizes) > self.peak_rss:
             self.at_peak = sorted(
-                ((_command(pid), rss / 2**20, pss / 2**20) for pid, (rss, pss) in zip(pids, sizes)), key=lambda row: -row[1]
+                ((_command(pid), rss / 2**20, pss / 2**20) for pid, (rss, pss) in zip(pids, sizes)),
+                key=lambda row: -row[1],
             )
         self.peak_rss = max(self.peak_rss, sum(rss for rss, _ in sizes))
         self.peak_pss = max(self.peak_pss, sum(pss for _, pss in sizes))
@@ -91,7 +98,9 @@ class TreeSampler(threading.Thread):
             "peak_rss_mb": self.peak_rss / 2**20,
             "peak_pss_mb": self.peak_pss / 2**20,
             "peak_processes": self.peak_processes,
-            "at_peak_mb": [{"process": name, "rss_mb": round(rss), "pss_mb": round(pss)} for name, rss, pss in self.at_peak],
+            "at_peak_mb": [
+                {"process": name, "rss_mb": round(rss), "pss_mb": round(pss)} for name, rss, pss in self.at_peak
+            ],
             "load_avg_1m_mean": sum(self.loads) / len(self.loads) if self.loads else None,
             "load_avg_1m_max": max(self.loads, default=None),
         }

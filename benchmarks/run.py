@@ -33,7 +33,7 @@ from benchmarks.predict_latency import batch_throughput, single_latencies_ms
 from benchmarks.proctree import LoadSampler, TreeSampler
 from tagifai.data import load_dataset, split_dataset
 from tagifai.predict import Predictor
-from tagifai.settings import DEFAULT_BACKBONE, TuneSettings
+from tagifai.settings import DEFAULT_BACKBONE, DEFAULT_SEED, TuneSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {  # metric path, comparison, threshold: the targets for a 2-core CPU
@@ -115,8 +115,9 @@ def prefect_server(env: dict, log_path: Path):
     url = f"http://127.0.0.1:{port}/api"
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "w") as log:
-        server = subprocess.Popen(command, env=dict(env, PREFECT_SERVER_UI_ENABLED="false"), stdout=log,
-                                  stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            command, env=dict(env, PREFECT_SERVER_UI_ENABLED="false"), stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -162,8 +163,19 @@ def tuning(options, workdir: Path, with_prefect_server: bool = False) -> tuple[d
 
 def _run_probe(options, workdir: Path, env: dict, out: Path) -> tuple[dict, dict]:
     command = [
-        sys.executable, "-m", "benchmarks.tuning_probe", "--model", options.model, "--trials", str(options.trials),
-        "--epochs", str(options.tune_epochs), "--workdir", str(workdir), "--out", str(out),
+        sys.executable,
+        "-m",
+        "benchmarks.tuning_probe",
+        "--model",
+        options.model,
+        "--trials",
+        str(options.trials),
+        "--epochs",
+        str(options.tune_epochs),
+        "--workdir",
+        str(workdir),
+        "--out",
+        str(out),
     ]
     if options.dataset_loc:
         command += ["--dataset-loc", options.dataset_loc]
@@ -203,9 +215,11 @@ def print_table(results: dict) -> None:
         results.get(k, {}) for k in ("train", "tuning", "inference", "memory", "tuning_prefect_server")
     )
     machine = results["machine"]
-    print(f"\nmachine: {machine['nproc']} CPUs, {machine['cpu_model']}, torch {machine['torch']} "
-          f"({machine['torch_cpu_capability']}), {machine['threads']} threads (training comparison: "
-          f"{train.get('threads', '-')}), load avg {results['load']['load_avg_1m_mean']:.1f}")
+    print(
+        f"\nmachine: {machine['nproc']} CPUs, {machine['cpu_model']}, torch {machine['torch']} "
+        f"({machine['torch_cpu_capability']}), {machine['threads']} threads (training comparison: "
+        f"{train.get('threads', '-')}), load avg {results['load']['load_avg_1m_mean']:.1f}"
+    )
     rows = [
         ("train tokens/s (real tokens)", train.get("tokens_per_s"), "{:.0f}"),
         ("train samples/s", train.get("samples_per_s"), "{:.1f}"),
@@ -220,12 +234,23 @@ def print_table(results: dict) -> None:
         ("model GFLOP/s (real FLOPs/token x tokens/s)", train.get("model_gflops"), "{:.1f}"),
         ("efficiency vs fp32 matmul", train.get("efficiency_fp32"), "{:.2f}"),
         ("tuning wall s", tune.get("wall_s"), "{:.1f}"),
-        ("trial compute s (sum / critical path)", (tune.get("trial_compute_s"), tune.get("critical_path_compute_s")), "{:.1f} / {:.1f}"),
+        (
+            "trial compute s (sum / critical path)",
+            (tune.get("trial_compute_s"), tune.get("critical_path_compute_s")),
+            "{:.1f} / {:.1f}",
+        ),
         ("orchestration overhead s (share)", (tune.get("overhead_s"), tune.get("overhead_share")), "{:.1f} ({:.1%})"),
         ("  same, running Prefect server: wall s", served.get("wall_s"), "{:.1f}"),
-        ("  same, running Prefect server: overhead", (served.get("overhead_s"), served.get("overhead_share")),
-         "{:.1f} ({:.1%})"),
-        ("predict p50 / p95 ms (1 example)", (infer.get("single_p50_ms"), infer.get("single_p95_ms")), "{:.1f} / {:.1f}"),
+        (
+            "  same, running Prefect server: overhead",
+            (served.get("overhead_s"), served.get("overhead_share")),
+            "{:.1f} ({:.1%})",
+        ),
+        (
+            "predict p50 / p95 ms (1 example)",
+            (infer.get("single_p50_ms"), infer.get("single_p95_ms")),
+            "{:.1f} / {:.1f}",
+        ),
         ("predict batch of 64, examples/s", infer.get("batch64_examples_per_s"), "{:.0f}"),
         ("peak RSS MB (PSS)", (memory.get("peak_rss_mb"), memory.get("peak_pss_mb")), "{:.0f} ({:.0f})"),
     ]
@@ -269,26 +294,31 @@ def parse_args(argv):
     parser.add_argument("--tune-epochs", type=int, default=None, help="epochs per tuning trial (3; quick: 1)")
     parser.add_argument("--batch-size", type=int, default=TuneSettings().batch_size)
     parser.add_argument(
-        "--trainable-layers", default=TuneSettings().trainable_layers,
+        "--trainable-layers",
+        default=TuneSettings().trainable_layers,
         type=lambda text: None if text == "all" else int(text),
         help="top encoder layers our loop fine-tunes (default: the flow's; 'all' trains every layer)",
     )
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--train-threads", type=int, default=1,
+        "--train-threads",
+        type=int,
+        default=1,
         help="torch threads of the training comparison (default 1: a tuning trial's, 2 trials x 1 CPU)",
     )
     parser.add_argument("--skip-tuning", action="store_true", help="skip the end-to-end flow (no Prefect/Ray)")
     parser.add_argument("--skip-levers", action="store_true", help="skip the per-lever measurements")
     parser.add_argument("--skip-train", action="store_true", help="skip training, levers and inference")
     parser.add_argument(
-        "--cold-stores", action="store_true",
+        "--cold-stores",
+        action="store_true",
         help="time the tuning flow as a first run (no MLflow store or Prefect database yet); default: warm",
     )
     parser.add_argument(
-        "--prefect-server", action="store_true",
+        "--prefect-server",
+        action="store_true",
         help="also time the tuning flow against a Prefect server started beforehand (deployment setup)",
     )
     parser.add_argument("--workdir", default=None, help="folder for the tuning run's stores (default: temporary)")
@@ -318,11 +348,21 @@ def main(argv: list[str] | None = None) -> dict:
     if options.skip_train:
         results["train"] = results["inference"] = {"skipped": True}
     else:
-        print(f"training: ours vs naive, {options.epochs} epochs each at {options.train_threads} thread(s), "
-              "interleaved ...", flush=True)
+        print(
+            f"training: ours vs naive, {options.epochs} epochs each at {options.train_threads} thread(s), "
+            "interleaved ...",
+            flush=True,
+        )
         results["train"], data, save = train_bench.compare_with_naive(
-            splits, options.model, options.epochs, options.batch_size, options.max_length, options.seed,
-            options.matmul_size, options.train_threads, options.trainable_layers,
+            splits,
+            options.model,
+            options.epochs,
+            options.batch_size,
+            options.max_length,
+            options.seed,
+            options.matmul_size,
+            options.train_threads,
+            options.trainable_layers,
         )
         if not options.skip_levers:
             print("levers ...", flush=True)

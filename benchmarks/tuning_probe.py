@@ -112,6 +112,7 @@ def instrument(timeline: Timeline):
     timeline.wrap(ray, "shutdown", "ray_shutdown")
     build_tuner = getattr(tune_module, "build_tuner", None)
     if build_tuner is not None:
+
         def build_timed_tuner(*args, **kwargs):
             tuner = build_tuner(*args, **kwargs)
             tuner.fit = timeline.timed(tuner.fit, "ray_fit", "fit")
@@ -120,10 +121,15 @@ def instrument(timeline: Timeline):
         tune_module.build_tuner = build_timed_tuner
     tracker = getattr(tune_module, "TrialTracker", None)
     if tracker is not None:
-        for hook, kind in (("on_trial_start", "start"), ("on_trial_restore", "start"),
-                           ("on_trial_complete", "end"), ("on_trial_error", "end")):
+        for hook, kind in (
+            ("on_trial_start", "start"),
+            ("on_trial_restore", "start"),
+            ("on_trial_complete", "end"),
+            ("on_trial_error", "end"),
+        ):
             original = getattr(tracker, hook, None)
             if original is not None:
+
                 def hooked(self, iteration, trials, trial, *args, _original=original, _kind=kind, **kwargs):
                     timeline.mark(_kind, trial.trial_id)
                     return _original(self, iteration, trials, trial, *args, **kwargs)
@@ -194,16 +200,18 @@ def attribute(timeline: Timeline, trials: list[dict], called: float, returned: f
         for index, (span, wrote) in enumerate(zip(spans, saved)):
             gap = (span[1], spans[index + 1][0] if index + 1 < len(spans) else finished)
             (checkpoint_gaps if wrote else report_gaps).append(gap)
-        trial_rows.append({
-            "trial_id": trial["trial_id"],
-            "epochs": len(epochs),
-            "epoch_time_s": [row["epoch_time_s"] for row in epochs],
-            "setup_time_s": epochs[0].get("setup_time_s"),
-            "checkpoints": int(sum(saved)),
-            "launched_s": None if launched is None else launched - called,
-            "first_epoch_start_s": spans[0][0] - called,
-            "finished_s": finished - called,
-        })
+        trial_rows.append(
+            {
+                "trial_id": trial["trial_id"],
+                "epochs": len(epochs),
+                "epoch_time_s": [row["epoch_time_s"] for row in epochs],
+                "setup_time_s": epochs[0].get("setup_time_s"),
+                "checkpoints": int(sum(saved)),
+                "launched_s": None if launched is None else launched - called,
+                "first_epoch_start_s": spans[0][0] - called,
+                "finished_s": finished - called,
+            }
+        )
     computing = _mask(grid, compute)
     kinds = [
         ("prefect_start", [(called, body[0])]),
@@ -251,7 +259,9 @@ def attribute(timeline: Timeline, trials: list[dict], called: float, returned: f
         "overhead_breakdown": breakdown,
         "mlflow_logging_total_s": float(mlflow.sum() * GRID_S),
         "mlflow_logging_under_compute_s": float((mlflow & computing).sum() * GRID_S),
-        "in_trial_checkpoint_serialize_s": sum(max(r["epochs"][-1].get("checkpoint_write_s", 0.0), 0.0) for r in trials),
+        "in_trial_checkpoint_serialize_s": sum(
+            max(r["epochs"][-1].get("checkpoint_write_s", 0.0), 0.0) for r in trials
+        ),
         "driver_calls": _call_totals(timeline),
         "trial_timings": trial_rows,
     }
@@ -297,7 +307,9 @@ def warm_stores(settings) -> dict:
 
     output = subprocess.run(
         [sys.executable, "-c", WARM_UP, settings.tracking_uri, settings.experiment_name],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     mlflow_s, prefect_s = map(float, output.split()[-2:])
     return {"mlflow_store": mlflow_s, "prefect_first_flow": prefect_s}
@@ -346,8 +358,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-samples", type=int, default=None)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cold", dest="warm_stores", action="store_false",
-                        help="time a first run: no MLflow store or Prefect database yet")
+    parser.add_argument(
+        "--cold",
+        dest="warm_stores",
+        action="store_false",
+        help="time a first run: no MLflow store or Prefect database yet",
+    )
     options = parser.parse_args(argv)
     options.workdir = options.workdir or tempfile.mkdtemp(prefix="tagifai-tuning-bench-")
     result = run(options)

@@ -25,12 +25,11 @@ import torch
 
 from demo.experiment import Experiment, experiment_tab, load_experiment
 from tagifai import tracking
-from tagifai.data import TEXT_COLUMNS, DataError, parse_table
-from tagifai.model import ModelError
+from tagifai.data import TEXT_COLUMNS, parse_table
+from tagifai.errors import DataError, TrackingError, UserError
 from tagifai.predict import Predictor
+from tagifai.settings import DEFAULT_EXPERIMENT_NAME, DEFAULT_MODEL_NAME
 
-# Errors whose message already names the problem and the fix: printed without a traceback.
-USER_ERRORS = (tracking.TrackingError, ModelError, DataError)
 TRAIN_COMMAND = "python -m flows.tune"
 MAX_FIELD_CHARS = 5_000  # far beyond the tokenizer's max_length; keeps huge pastes cheap
 MAX_UPLOAD_SIZE = "5mb"
@@ -39,10 +38,23 @@ SANS_FONTS = ["Segoe UI", "Roboto", "Helvetica Neue", "Arial", "DejaVu Sans", "s
 MONO_FONTS = ["SFMono-Regular", "Menlo", "Consolas", "DejaVu Sans Mono", "monospace"]
 
 EXAMPLES = [
-    ["Counting Birds in Drone Footage", "Detect and track seabirds in aerial video of nesting colonies to estimate population size each season."],
-    ["Rolling Back a Bad Model Release", "Shadow deployment, canary traffic and automatic rollback when live accuracy drifts below the last release."],
-    ["Summarising Court Rulings", "Fine-tune a sequence-to-sequence transformer to write short plain-language summaries of long legal judgements."],
-    ["A Visual Guide to Gradient Descent", "Interactive notebooks that animate optimisers on toy loss surfaces to build intuition for learning rates."],
+    [
+        "Counting Birds in Drone Footage",
+        "Detect and track seabirds in aerial video of nesting colonies to estimate population size each season.",
+    ],
+    [
+        "Rolling Back a Bad Model Release",
+        "Shadow deployment, canary traffic and automatic rollback when live accuracy drifts below the last release.",
+    ],
+    [
+        "Summarising Court Rulings",
+        "Fine-tune a sequence-to-sequence transformer to write short plain-language summaries "
+        "of long legal judgements.",
+    ],
+    [
+        "A Visual Guide to Gradient Descent",
+        "Interactive notebooks that animate optimisers on toy loss surfaces to build intuition for learning rates.",
+    ],
 ]
 
 
@@ -88,7 +100,7 @@ def existing_store_uri(tracking_uri: Optional[str]) -> str:
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.exists():
             command = TRAIN_COMMAND + (f" --tracking-uri {uri}" if tracking_uri else "")
-            raise tracking.TrackingError(
+            raise TrackingError(
                 f"no MLflow store at {path}: no model has been trained there yet. Train one first: {command}"
             )
     return uri
@@ -123,7 +135,10 @@ def describe_run(client, run, args: dict, chosen_by: str) -> Provenance:
 
 
 def load_model(
-    tracking_uri: str, run_id: Optional[str] = None, experiment_name: str = "tagifai", model_name: str = "tagifai"
+    tracking_uri: str,
+    run_id: Optional[str] = None,
+    experiment_name: str = DEFAULT_EXPERIMENT_NAME,
+    model_name: str = DEFAULT_MODEL_NAME,
 ) -> tuple[Predictor, Provenance]:
     """The predictor of the chosen run (held in memory) and its provenance."""
     from mlflow.exceptions import MlflowException
@@ -134,7 +149,7 @@ def load_model(
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise tracking.TrackingError(
+        raise TrackingError(
             f"MLflow run {run_id!r} does not exist in {tracking_uri}; check the id "
             "(mlflow ui lists the runs) or leave out --run-id to serve the best run"
         ) from None
@@ -174,7 +189,9 @@ def read_upload(path: str) -> pd.DataFrame:
     if frame.empty:
         raise gr.Error(f"{name} has a header but no data rows.", print_exception=False)
     if len(frame) > MAX_CSV_ROWS:
-        raise gr.Error(f"{name} has {len(frame)} rows; split it into files of at most {MAX_CSV_ROWS}.", print_exception=False)
+        raise gr.Error(
+            f"{name} has {len(frame)} rows; split it into files of at most {MAX_CSV_ROWS}.", print_exception=False
+        )
     return frame
 
 
@@ -231,27 +248,42 @@ def build_app(predictor: Predictor, provenance: Provenance, experiment: Optional
     with gr.Blocks(title="tagifai demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# tagifai\nPredict the tag of a machine-learning project from its title and description: "
-            + ", ".join(f"`{tag}`" for tag in predictor.classes) + "."
+            + ", ".join(f"`{tag}`" for tag in predictor.classes)
+            + "."
         )
         with gr.Tabs():
             with gr.Tab("Predict", id="predict"):
                 with gr.Row():
                     with gr.Column():
                         title = gr.Textbox(label="Title", max_lines=2, max_length=MAX_FIELD_CHARS, elem_id="title")
-                        description = gr.Textbox(label="Description", lines=4, max_length=MAX_FIELD_CHARS, elem_id="description")
+                        description = gr.Textbox(
+                            label="Description", lines=4, max_length=MAX_FIELD_CHARS, elem_id="description"
+                        )
                         predict_button = gr.Button("Predict tag", variant="primary", elem_id="predict-button")
                     with gr.Column():
-                        label = gr.Label(label="Predicted tag", num_top_classes=len(predictor.classes), elem_id="prediction")
+                        label = gr.Label(
+                            label="Predicted tag", num_top_classes=len(predictor.classes), elem_id="prediction"
+                        )
                         with gr.Accordion("Model provenance", open=True):
                             gr.Markdown(provenance.to_markdown(), elem_id="provenance")
-                gr.Examples(EXAMPLES, inputs=[title, description], outputs=label, fn=predict, run_on_click=True, cache_examples=False)
+                gr.Examples(
+                    EXAMPLES,
+                    inputs=[title, description],
+                    outputs=label,
+                    fn=predict,
+                    run_on_click=True,
+                    cache_examples=False,
+                )
                 with gr.Accordion("Score a CSV file", open=False):
                     gr.Markdown(
-                        f"Upload a CSV with `title` and `description` columns (up to {MAX_CSV_ROWS} rows, {MAX_UPLOAD_SIZE}); "
+                        f"Upload a CSV with `title` and `description` columns "
+                        f"(up to {MAX_CSV_ROWS} rows, {MAX_UPLOAD_SIZE}); "
                         "download the same rows with `prediction` and one `probability_<tag>` column per tag."
                     )
                     with gr.Row():
-                        upload = gr.File(label="CSV to score", file_types=[".csv"], type="filepath", elem_id="csv-upload")
+                        upload = gr.File(
+                            label="CSV to score", file_types=[".csv"], type="filepath", elem_id="csv-upload"
+                        )
                         scored_file = gr.File(label="Scored CSV", interactive=False, elem_id="csv-scored")
                     score_button = gr.Button("Score CSV", elem_id="score-button")
             with gr.Tab("Experiment", id="experiment"):
@@ -264,15 +296,31 @@ def build_app(predictor: Predictor, provenance: Provenance, experiment: Optional
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m demo.app", description="Serve the tuned tag classifier as a web demo.")
+    parser = argparse.ArgumentParser(
+        prog="python -m demo.app", description="Serve the tuned tag classifier as a web demo."
+    )
     parser.add_argument("--run-id", help="MLflow run to serve (default: the champion model, else the best run)")
-    parser.add_argument("--experiment-name", default="tagifai", help="experiment searched for the best run (default: tagifai)")
-    parser.add_argument("--model-name", default="tagifai", help="registered model whose 'champion' alias is served (default: tagifai)")
+    parser.add_argument(
+        "--experiment-name",
+        default=DEFAULT_EXPERIMENT_NAME,
+        help=f"experiment searched for the best run (default: {DEFAULT_EXPERIMENT_NAME})",
+    )
+    parser.add_argument(
+        "--model-name",
+        default=DEFAULT_MODEL_NAME,
+        help=f"registered model whose 'champion' alias is served (default: {DEFAULT_MODEL_NAME})",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 exposes it to the network (default: 127.0.0.1)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 exposes it to the network (default: 127.0.0.1)",
+    )
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch threads per prediction; 1 keeps latency steady on a busy shared machine (default: torch's choice)",
     )
     return parser.parse_args(argv)
@@ -288,12 +336,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         tracking_uri = existing_store_uri(args.tracking_uri)
         tracking.check_reachable(tracking_uri)
         predictor, provenance = load_model(tracking_uri, args.run_id, args.experiment_name, args.model_name)
-    except USER_ERRORS as error:
+    except UserError as error:
         sys.exit(f"error: {error}")
     print(f"serving run {provenance.run_id} ({provenance.chosen_by}) from {tracking_uri}")
     experiment = load_experiment(tracking_uri, provenance.run_id)
     try:
-        build_app(predictor, provenance, experiment).launch(server_name=args.host, server_port=args.port, **launch_options())
+        build_app(predictor, provenance, experiment).launch(
+            server_name=args.host, server_port=args.port, **launch_options()
+        )
     except OSError as error:  # port taken, or an address this machine does not have
         reason = str(error).split(". ")[0]
         sys.exit(f"error: cannot serve on {args.host}:{args.port} ({reason}); pass a free --port or another --host")

@@ -18,9 +18,9 @@ import gradio as gr
 import pandas as pd
 
 from tagifai import plots, tracking
+from tagifai.search_space import NAMES as PARAMETERS
 
 MAX_RUNS = 500  # the whole-experiment fallback must stay quick to read at start
-PARAMETERS = plots.PARAMETER_AXES
 COLUMNS = ["note", "trial_id", "run_id", "status", "attempts", "epochs", "best_val_loss", "val_f1_at_best", *PARAMETERS]
 NUMBER_COLUMNS = {"attempts", "epochs", "best_val_loss", "val_f1_at_best", *PARAMETERS}
 
@@ -64,10 +64,14 @@ def summarize_trial(trial_id: str, runs: list, history: dict, served_run_id: str
     if best_loss is None:
         best_loss = as_float(latest.data.metrics.get("best_val_loss"))
     ids = {run.info.run_id for run in runs}
-    marks = [name for name, hit in (
-        ("served", served_run_id in ids),
-        ("best", any(r.data.tags.get(tracking.TAG_BEST) == "true" for r in runs)),
-    ) if hit]
+    marks = [
+        name
+        for name, hit in (
+            ("served", served_run_id in ids),
+            ("best", any(r.data.tags.get(tracking.TAG_BEST) == "true" for r in runs)),
+        )
+        if hit
+    ]
     return {
         "note": ", ".join(marks),
         "trial_id": trial_id,
@@ -114,10 +118,13 @@ def read_experiment(client, served_run_id: str, folder: Path) -> Experiment:
     folder.mkdir(parents=True, exist_ok=True)
     trials = [
         {"trial_id": row["trial_id"], "val_loss": row["best_val_loss"], "params": {p: row[p] for p in PARAMETERS}}
-        for row in ranked if all(row[p] is not None for p in PARAMETERS)
+        for row in ranked
+        if all(row[p] is not None for p in PARAMETERS)
     ]
     curves = {t: h for t, h in histories.items() if h["epoch"] and any(v is not None for v in h["val_loss"])}
-    parallel = plots.plot_parallel_coordinates(trials, best_trial_id, folder / "parallel_coordinates.png") if trials else None
+    parallel = (
+        plots.plot_parallel_coordinates(trials, best_trial_id, folder / "parallel_coordinates.png") if trials else None
+    )
     learning = plots.plot_learning_curves(curves, best_trial_id, folder / "learning_curves.png") if curves else None
     note = (
         f"{len(rows)} trial(s) ({len(runs)} MLflow run(s)) of {scope}, best validation loss first. "
@@ -136,7 +143,9 @@ def load_experiment(tracking_uri: str, served_run_id: str, folder: Optional[Path
     try:
         return read_experiment(MlflowClient(tracking_uri), served_run_id, folder)
     except MlflowException as error:
-        return Experiment(note=f"Could not read the tuning trials from MLflow: {error}", trials=pd.DataFrame(columns=COLUMNS))
+        return Experiment(
+            note=f"Could not read the tuning trials from MLflow: {error}", trials=pd.DataFrame(columns=COLUMNS)
+        )
 
 
 def experiment_tab(experiment: Optional[Experiment]) -> None:
@@ -157,13 +166,22 @@ def experiment_tab(experiment: Optional[Experiment]) -> None:
     )
     with gr.Row():
         for path, label, elem_id in (
-            (experiment.parallel_coordinates, "Parallel coordinates: hyperparameters -> val_loss", "parallel-coordinates"),
+            (
+                experiment.parallel_coordinates,
+                "Parallel coordinates: hyperparameters -> val_loss",
+                "parallel-coordinates",
+            ),
             (experiment.learning_curves, "Learning curves", "learning-curves"),
         ):
             if path is None:
                 gr.Markdown(f"*{label}: no trial has the data to draw it.*")
             else:
                 gr.Image(
-                    str(path), type="filepath", label=label, show_label=False, interactive=False,
-                    buttons=["download", "fullscreen"], elem_id=elem_id,
+                    str(path),
+                    type="filepath",
+                    label=label,
+                    show_label=False,
+                    interactive=False,
+                    buttons=["download", "fullscreen"],
+                    elem_id=elem_id,
                 )

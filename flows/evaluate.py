@@ -1,6 +1,6 @@
 """Evaluate any MLflow run's checkpoint on any labelled CSV.
 
-    python -m flows.evaluate --run-id RUN --dataset-loc data.csv --results-fp metrics.json
+python -m flows.evaluate --run-id RUN --dataset-loc data.csv --results-fp metrics.json
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.tune import USER_ERRORS, command_line_run, load_data
+from flows.cli import command_line_run, parse_settings
 from tagifai import tracking
 from tagifai.evaluate import evaluate_frame
 from tagifai.predict import load_run_predictor
-from tagifai.settings import EvaluateSettings, parse_settings
+from tagifai.settings import EvaluateSettings
+from tasks.load import load_data
 
 
 @flow(name="evaluate-classifier")
@@ -39,11 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = parse_settings(
         EvaluateSettings, argv, prog="python -m flows.evaluate", description=evaluate_classifier.description or ""
     )
-    try:
-        with command_line_run():
-            result = evaluate_classifier(settings)
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    with command_line_run():
+        result = evaluate_classifier(settings)
     print(json.dumps(result["test"], indent=2))
     return result
 

@@ -1,24 +1,35 @@
 """Load, validate, clean and split the project listings.
 
-Every function here is plain Python: the flow wraps them in Prefect tasks, tests call them as is.
-Errors are `DataError`s whose message names the problem and what to do about it.
+Every function here is plain Python: tasks/ wraps them in Prefect tasks, tests call them as is.
+Errors are `DataError`s whose message names the problem and what to do about it. URLs are
+downloaded through a small on-disk cache revalidated with the server's ETag (or an old enough
+Last-Modified), so an unchanged remote file costs one 304 answer, and a changed one is read anew.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import io
+import json
 import logging
+import os
 import re
+import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 from sklearn.model_selection import train_test_split
+
+from tagifai.errors import DataError, SourceUnavailableError
+from tagifai.settings import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +38,6 @@ TEXT_COLUMNS = ("title", "description")
 MIN_ROWS_PER_TAG = 5  # below this a tag cannot land in train, validation and test alike
 URL_TIMEOUT_S = 30
 MAX_TEXT_CHARS = 10_000  # longer texts are cut before cleaning; the tokenizer truncates anyway
-
-
-class DataError(ValueError):
-    """The dataset cannot be used; the message says why and how to fix it."""
-
-
-class SourceUnavailableError(DataError):
-    """A download failed in a way that may pass (timeout, 5xx): worth retrying."""
 
 
 @dataclass(frozen=True)
@@ -49,26 +52,98 @@ def sample_dataset_path() -> Path:
     return Path(str(resources.files("tagifai").joinpath("sample_projects.csv")))
 
 
+def is_url(loc: str) -> bool:
+    return loc.startswith(("http://", "https://"))
+
+
+def download_dir() -> Path:
+    """Where downloaded datasets are kept for revalidation: $XDG_CACHE_HOME/tagifai/downloads."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tagifai" / "downloads"
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(content)
+    os.replace(handle.name, path)
+
+
+def _validators(response_headers) -> dict:
+    """The response's validators that are safe to revalidate with. An ETag always is. A
+    Last-Modified within a minute of the response's Date is not: a file replaced in the same
+    second keeps the same timestamp, so the server would answer "not modified" for new bytes."""
+    validators = {}
+    if response_headers.get("ETag"):
+        validators["etag"] = response_headers["ETag"]
+    modified, date = response_headers.get("Last-Modified"), response_headers.get("Date")
+    if modified and date:
+        try:
+            age_s = (
+                email.utils.parsedate_to_datetime(date) - email.utils.parsedate_to_datetime(modified)
+            ).total_seconds()
+        except (TypeError, ValueError):
+            age_s = 0
+        if age_s >= 60:
+            validators["last_modified"] = modified
+    return validators
+
+
+def download(url: str, folder: Optional[Path] = None) -> bytes:
+    """The bytes behind `url`, revalidated against a cached copy when the server offers validators."""
+    folder = folder or download_dir()
+    name = hashlib.sha256(url.encode()).hexdigest()[:32]
+    body_path, meta_path = folder / f"{name}.body", folder / f"{name}.json"
+    cached: dict = {}
+    if meta_path.exists() and body_path.exists():
+        try:
+            cached = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            cached = {}
+    headers = {}
+    if cached.get("etag"):
+        headers["If-None-Match"] = cached["etag"]
+    if cached.get("last_modified"):
+        headers["If-Modified-Since"] = cached["last_modified"]
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=URL_TIMEOUT_S) as response:
+            body, validators = response.read(), _validators(response.headers)
+    except urllib.error.HTTPError as error:
+        if error.code == 304 and cached:
+            body = body_path.read_bytes()
+            if hashlib.sha256(body).hexdigest() == cached.get("sha256"):
+                return body
+            meta_path.unlink(missing_ok=True)  # the cached copy is damaged: fetch it whole
+            return download(url, folder)
+        kind = SourceUnavailableError if error.code >= 500 else DataError
+        raise kind(f"could not download {url}: HTTP {error.code} {error.reason}; check the URL") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise SourceUnavailableError(
+            f"could not download {url}: {reason}; check the network or pass a local file with --dataset-loc"
+        ) from None
+    if validators:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(body_path, body)
+        _write_atomically(
+            meta_path, json.dumps({**validators, "sha256": hashlib.sha256(body).hexdigest(), "url": url}).encode()
+        )
+    return body
+
+
 def read_source_bytes(loc: str) -> bytes:
     """The raw bytes of a local file or an http(s) URL."""
-    if loc.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(loc, timeout=URL_TIMEOUT_S) as response:
-                return response.read()
-        except urllib.error.HTTPError as error:
-            kind = SourceUnavailableError if error.code >= 500 else DataError
-            raise kind(f"could not download {loc}: HTTP {error.code} {error.reason}; check the URL") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise SourceUnavailableError(
-                f"could not download {loc}: {reason}; check the network or pass a local file with --dataset-loc"
-            ) from None
+    if is_url(loc):
+        return download(loc)
     path = Path(loc).expanduser()
     if not path.exists():
         raise DataError(f"dataset file not found: {path}; pass an existing CSV/Parquet path or an http(s) URL")
     if path.is_dir():
         raise DataError(f"{path} is a folder; pass the CSV/Parquet file inside it")
     return path.read_bytes()
+
+
+def source_fingerprint(loc: Optional[str]) -> str:
+    """sha256 of the data's bytes (the bundled sample when `loc` is None), for files and URLs alike."""
+    return hashlib.sha256(read_source_bytes(str(loc) if loc else str(sample_dataset_path()))).hexdigest()
 
 
 def parse_table(raw: bytes, loc: str) -> pd.DataFrame:
@@ -85,9 +160,7 @@ def parse_table(raw: bytes, loc: str) -> pd.DataFrame:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise DataError(
-            f"{loc} is not UTF-8 (bad byte at offset {error.start}); re-save it as UTF-8 CSV"
-        ) from None
+        raise DataError(f"{loc} is not UTF-8 (bad byte at offset {error.start}); re-save it as UTF-8 CSV") from None
     try:
         return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.ParserError as error:
@@ -168,9 +241,10 @@ def clean_text(text: str) -> str:
     return " ".join(word for word in text.split() if word not in _STOPWORDS)
 
 
-def project_texts(frame: pd.DataFrame) -> list[str]:
-    """The model's input: title and description joined, then cleaned."""
-    return [clean_text(f"{title} {description}") for title, description in zip(frame["title"], frame["description"])]
+def project_texts(titles: Iterable[str], descriptions: Iterable[str]) -> list[str]:
+    """The model's input, for training, evaluation and prediction alike: title and description
+    joined, then cleaned."""
+    return [clean_text(f"{title} {description}") for title, description in zip(titles, descriptions)]
 
 
 @dataclass(frozen=True)
@@ -185,7 +259,7 @@ def split_dataset(
     frame: pd.DataFrame,
     holdout: pd.DataFrame | None = None,
     test_size: float = 0.2,
-    seed: int = 1234,
+    seed: int = DEFAULT_SEED,
     num_samples: int | None = None,
 ) -> Splits:
     """Stratified train/validation split; the test split is `holdout` or carved out the same way."""

@@ -7,14 +7,48 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from tagifai.data import clean_text
+from tagifai.data import project_texts
 from tagifai.predict import Predictor
 
 SHORT_TEXT_WORDS = 5  # cleaned words; titles-only listings are the usual case
-VISION_TERMS = {"image", "images", "video", "videos", "vision", "visual", "pixel", "pixels", "camera",
-                "photo", "photos", "detection", "segmentation", "cnn", "yolo", "ocr"}
-LANGUAGE_TERMS = {"text", "texts", "language", "languages", "nlp", "sentence", "sentences", "word", "words",
-                  "translation", "caption", "captions", "captioning", "token", "tokens", "bert", "llm", "question"}
+VISION_TERMS = {
+    "image",
+    "images",
+    "video",
+    "videos",
+    "vision",
+    "visual",
+    "pixel",
+    "pixels",
+    "camera",
+    "photo",
+    "photos",
+    "detection",
+    "segmentation",
+    "cnn",
+    "yolo",
+    "ocr",
+}
+LANGUAGE_TERMS = {
+    "text",
+    "texts",
+    "language",
+    "languages",
+    "nlp",
+    "sentence",
+    "sentences",
+    "word",
+    "words",
+    "translation",
+    "caption",
+    "captions",
+    "captioning",
+    "token",
+    "tokens",
+    "bert",
+    "llm",
+    "question",
+}
 HARDEST_PER_TAG = 3
 
 
@@ -47,7 +81,9 @@ def slice_masks(texts: list[str]) -> dict[str, np.ndarray]:
     """Boolean masks of the named slices over cleaned texts."""
     words = [set(text.split()) for text in texts]
     return {
-        f"short_text_under_{SHORT_TEXT_WORDS}_words": np.array([len(text.split()) < SHORT_TEXT_WORDS for text in texts]),
+        f"short_text_under_{SHORT_TEXT_WORDS}_words": np.array(
+            [len(text.split()) < SHORT_TEXT_WORDS for text in texts]
+        ),
         "mentions_vision_and_language": np.array([bool(w & VISION_TERMS) and bool(w & LANGUAGE_TERMS) for w in words]),
     }
 
@@ -81,7 +117,7 @@ def evaluation_report(frame: pd.DataFrame, probabilities: np.ndarray, classes: l
         "labels": classes,  # rows: true tag, columns: predicted tag
         "matrix": confusion_matrix(true_tags, predicted, labels=classes).tolist(),
     }
-    texts = [clean_text(f"{t} {d}") for t, d in zip(frame["title"], frame["description"])]
+    texts = project_texts(frame["title"], frame["description"])
     report["slices"] = {}
     for name, mask in slice_masks(texts).items():
         chosen = np.flatnonzero(mask)
@@ -99,8 +135,7 @@ def evaluate_frame(predictor: Predictor, frame: pd.DataFrame) -> dict:
     unseen = sorted(set(frame["tag"]) - set(predictor.classes))
     if unseen:
         raise ValueError(
-            f"the evaluation data has tag(s) {unseen} the model was not trained on; "
-            f"the model knows {predictor.classes}"
+            f"the evaluation data has tag(s) {unseen} the model was not trained on; the model knows {predictor.classes}"
         )
     probabilities = predictor.predict_proba(list(frame["title"]), list(frame["description"]))
     return evaluation_report(frame, probabilities, predictor.classes)

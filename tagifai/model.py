@@ -17,16 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from tagifai.errors import ModelError
 from tagifai.settings import DEFAULT_BACKBONE
 
 # sha256 of all-MiniLM-L6-v2's model.safetensors, the file the hub publishes too.
 DEFAULT_BACKBONE_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 WEIGHTS_FILE = "model.safetensors"
 ARGS_FILE = "classifier.json"
-
-
-class ModelError(ValueError):
-    """A backbone or checkpoint cannot be used; the message says why."""
 
 
 def file_sha256(path: Path) -> str:
@@ -37,7 +34,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve_backbone(name: str) -> str:
     """A local folder or hub id for `name`; the offline default is checksum-verified first."""
     if name != DEFAULT_BACKBONE:
@@ -141,7 +138,9 @@ def freeze_lower_layers(model: TextClassifier, trainable_layers: int | None) -> 
         return
     layers = encoder_layers(model.backbone)
     if not 0 <= trainable_layers <= len(layers):
-        raise ModelError(f"trainable_layers must be between 0 and {len(layers)} for this backbone, got {trainable_layers}")
+        raise ModelError(
+            f"trainable_layers must be between 0 and {len(layers)} for this backbone, got {trainable_layers}"
+        )
     trainable = {id(p) for layer in layers[len(layers) - trainable_layers :] for p in layer.parameters()}
     trainable |= {id(p) for p in model.head.parameters()}
     for parameter in model.backbone.parameters():

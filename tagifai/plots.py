@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-PARAMETER_AXES = ("dropout_p", "lr", "lr_factor", "lr_patience")
+from tagifai.search_space import SEARCH_SPACE
 
 
 def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path) -> Path:
@@ -21,13 +21,19 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path
     axes = figure.subplots()
     image = axes.imshow(counts, cmap="Blues")
     figure.colorbar(image, ax=axes)
-    axes.set(xticks=range(len(labels)), yticks=range(len(labels)), xlabel="predicted", ylabel="true",
-             title="Confusion matrix (test)")
+    axes.set(
+        xticks=range(len(labels)),
+        yticks=range(len(labels)),
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix (test)",
+    )
     axes.set_xticklabels(labels, rotation=30, ha="right")
     axes.set_yticklabels(labels)
     for (row, column), value in np.ndenumerate(counts):
-        axes.text(column, row, str(value), ha="center", va="center",
-                  color="white" if value > counts.max() / 2 else "black")
+        axes.text(
+            column, row, str(value), ha="center", va="center", color="white" if value > counts.max() / 2 else "black"
+        )
     figure.savefig(path, dpi=100)
     return path
 
@@ -44,22 +50,32 @@ def plot_per_class_f1(per_class: dict, path: Path) -> Path:
 
 
 def plot_parallel_coordinates(trials: list[dict], best_trial_id: str, path: Path) -> Path:
-    """Each trial a line through its hyperparameters to its val_loss; the best one highlighted."""
-    names = [*PARAMETER_AXES, "val_loss"]
+    """Each trial a line through its hyperparameters to its val_loss; the best one highlighted.
+    One axis per row of the search-space table, log-scaled where the search samples on a log scale."""
+    axes_labels = [f"log10 {p.name}" if p.log_scale else p.name for p in SEARCH_SPACE] + ["val_loss"]
     rows = [t for t in trials if t.get("val_loss") is not None]
-    values = np.array([[*(t["params"][p] for p in PARAMETER_AXES), t["val_loss"]] for t in rows], dtype=float)
-    values[:, 1] = np.log10(values[:, 1])  # lr spans orders of magnitude
+    values = np.array([[*(t["params"][p.name] for p in SEARCH_SPACE), t["val_loss"]] for t in rows], dtype=float)
+    for column, parameter in enumerate(SEARCH_SPACE):
+        if parameter.log_scale:
+            values[:, column] = np.log10(values[:, column])
     low, high = values.min(axis=0), values.max(axis=0)
     scaled = (values - low) / np.where(high > low, high - low, 1.0)
     figure = Figure(figsize=(8, 4), layout="constrained")
     axes = figure.subplots()
     for trial, line in zip(rows, scaled):
         best = trial["trial_id"] == best_trial_id
-        axes.plot(range(len(names)), line, color="tab:red" if best else "tab:gray", linewidth=3 if best else 1,
-                  alpha=1.0 if best else 0.6, marker="o", label=f"best ({trial['trial_id']})" if best else None,
-                  zorder=3 if best else 2)
-    axes.set_xticks(range(len(names)))
-    axes.set_xticklabels([f"{n}\n[{lo:.3g}, {hi:.3g}]" for n, lo, hi in zip(["dropout_p", "log10 lr", *names[2:]], low, high)])
+        axes.plot(
+            range(len(axes_labels)),
+            line,
+            color="tab:red" if best else "tab:gray",
+            linewidth=3 if best else 1,
+            alpha=1.0 if best else 0.6,
+            marker="o",
+            label=f"best ({trial['trial_id']})" if best else None,
+            zorder=3 if best else 2,
+        )
+    axes.set_xticks(range(len(axes_labels)))
+    axes.set_xticklabels([f"{name}\n[{lo:.3g}, {hi:.3g}]" for name, lo, hi in zip(axes_labels, low, high)])
     axes.set(yticks=[], title=f"Trials: hyperparameters -> val_loss ({len(rows)} trials)")
     axes.legend(loc="best")
     figure.savefig(path, dpi=100)
@@ -78,8 +94,12 @@ def plot_learning_curves(histories: dict[str, dict], best_trial_id: str, path: P
         axes.plot(history["epoch"], history["val_loss"], color=color, linewidth=width, marker="o", label=label)
         axes.plot(history["epoch"], history["train_loss"], color=color, linewidth=width, linestyle="--")
     max_epoch = max((max(h["epoch"]) for h in histories.values() if h["epoch"]), default=1)
-    axes.set(xlabel="epoch", ylabel="loss", title="Learning curves: val (solid), train (dashed)",
-             xticks=range(1, max_epoch + 1) if max_epoch <= 30 else None)
+    axes.set(
+        xlabel="epoch",
+        ylabel="loss",
+        title="Learning curves: val (solid), train (dashed)",
+        xticks=range(1, max_epoch + 1) if max_epoch <= 30 else None,
+    )
     axes.legend(fontsize="small", ncols=max(1, math.ceil(len(histories) / 8)))
     figure.savefig(path, dpi=100)
     return path

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from tagifai.data import clean_text
+from tagifai.data import project_texts
 from tagifai.model import load_checkpoint
+from tagifai.settings import DEFAULT_EXPERIMENT_NAME
 from tagifai.train import predict_logits, tokenize_texts
 
 
@@ -25,9 +26,9 @@ class Predictor:
 
     def predict_proba(self, titles: Sequence[str], descriptions: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Class probabilities, one row per input, columns in `self.classes` order."""
-        texts = [clean_text(f"{title} {description}") for title, description in zip(titles, descriptions)]
+        texts = project_texts(titles, descriptions)
         split = tokenize_texts(texts, [-1] * len(texts), self.tokenizer, self.max_length)
-        logits = predict_logits(self.model, split, batch_size, self.pad_token_id)
+        logits = predict_logits(self.model, split, batch_size=batch_size, pad_token_id=self.pad_token_id)
         return torch.softmax(logits, dim=1).numpy()
 
     def predict(self, titles: Sequence[str], descriptions: Sequence[str]) -> list[dict]:
@@ -42,7 +43,7 @@ class Predictor:
 
 
 def load_run_predictor(
-    tracking_uri: str, run_id: str | None = None, experiment_name: str = "tagifai"
+    tracking_uri: str, run_id: str | None = None, experiment_name: str = DEFAULT_EXPERIMENT_NAME
 ) -> tuple[Predictor, str]:
     """The predictor of `run_id`, or of the experiment's best run; and the run id used."""
     from mlflow.tracking import MlflowClient

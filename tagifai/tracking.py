@@ -19,16 +19,14 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tagifai.errors import TrackingError
+
 DEFAULT_STORE_DIR = "mlruns"
 TAG_SESSION = "tagifai.tuning_session"
 TAG_TRIAL = "tagifai.trial_id"
 TAG_BEST = "tagifai.best"
 CHECKPOINT_ARTIFACT = "checkpoint"
 CHAMPION_ALIAS = "champion"
-
-
-class TrackingError(RuntimeError):
-    """The MLflow store cannot be used; the message says why and what to do."""
 
 
 def configured_tracking_uri(tracking_uri: Optional[str]) -> str:
@@ -147,7 +145,9 @@ def log_checkpoint(client: MlflowClient, run_id: str, checkpoint_dir: Path) -> N
 
 
 def mark_best(client: MlflowClient, run_id: str, test_metrics: dict) -> None:
-    metrics = [Metric(f"test_{k}", float(test_metrics[k]), int(time.time() * 1000), 0) for k in ("precision", "recall", "f1")]
+    metrics = [
+        Metric(f"test_{k}", float(test_metrics[k]), int(time.time() * 1000), 0) for k in ("precision", "recall", "f1")
+    ]
     with_retries(lambda: client.log_batch(run_id, metrics=metrics, tags=[RunTag(TAG_BEST, "true")]))
 
 

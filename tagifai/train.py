@@ -2,7 +2,8 @@
 
 `train_classifier` reads top to bottom: build the model, then per epoch train, validate, step the
 LR scheduler and hand the metrics (and, on improvement, a checkpoint writer) to `report`.
-Measured speed levers are recorded in benchmarks/RESULTS.md (`python -m benchmarks.run`).
+Measured speed levers are recorded in benchmarks/RESULTS.md (`python -m benchmarks.run`); the
+benchmark times the loop from outside, through `report`.
 """
 
 from __future__ import annotations
@@ -14,21 +15,29 @@ import gc
 import itertools
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from tagifai.model import TextClassifier, build_classifier, freeze_lower_layers, load_checkpoint, load_tokenizer, save_checkpoint
+from tagifai.model import (
+    TextClassifier,
+    build_classifier,
+    freeze_lower_layers,
+    load_checkpoint,
+    load_tokenizer,
+    save_checkpoint,
+)
 
 if TYPE_CHECKING:
     from tagifai.data import Splits
 
 BUCKET_BATCHES = 16  # length-sort within windows of this many batches: little padding, still shuffled
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,7 @@ def tokenize_splits(splits: Splits, backbone: str, max_length: int) -> Tokenized
 
     def encode(frame) -> TokenizedSplit:
         labels = [splits.class_to_index[tag] for tag in frame["tag"]]
-        return tokenize_texts(project_texts(frame), labels, tokenizer, max_length)
+        return tokenize_texts(project_texts(frame["title"], frame["description"]), labels, tokenizer, max_length)
 
     return TokenizedData(
         backbone=backbone,
@@ -130,28 +139,37 @@ def iterate_batches(
         yield input_ids, attention_mask, torch.from_numpy(split.labels[indices])
 
 
-def bf16_supported() -> bool:
-    """True where oneDNN has a native bf16 path (AVX512-BF16/AMX). Elsewhere bf16 matmuls fall back
-    to slow kernels: on an AVX2-only CPU, 1.2-1.4 GFLOP/s against 55-110 in fp32, and a training
-    step 3-20x slower under autocast (benchmarks/RESULTS.md)."""
+def bf16_supported(device: str = "cpu") -> bool:
+    """True where bf16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX.
+    Elsewhere bf16 falls back to slow kernels: on an AVX2-only CPU, 1.2-1.4 GFLOP/s against 55-110
+    in fp32, and a training step 3-20x slower under autocast (benchmarks/RESULTS.md)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-def autocast(precision: str, device: str = "cpu"):
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' becomes bf16 where it is native and fp32 elsewhere; an explicit 'bf16' where it is not
+    native is refused rather than silently made 20x slower."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        raise ValueError(
+            f"precision 'bf16' needs native bf16 on {device} (a bf16 GPU, or AVX512-BF16/AMX); use fp32 or auto"
+        )
+    return precision
+
+
+def autocast(precision: str, device: str):
     """The forward pass's numeric context: fp32 as is, or bf16 autocast (weights stay fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
-
-
-def check_precision(precision: str, device: str = "cpu") -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16" and str(device) == "cpu" and not bf16_supported():
-        raise ValueError("precision 'bf16' needs a CPU with native bf16 (AVX512-BF16 or AMX); use 'fp32' here")
 
 
 def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
@@ -177,11 +195,20 @@ def release_freed_memory() -> None:
 
 
 def train_epoch(
-    model, split, batch_size, pad_token_id, optimizer, loss_fn, rng, device="cpu", precision="fp32"
-) -> tuple[float, int, int]:
-    """One pass over `split`: (mean loss, real tokens, tokens including padding)."""
+    model: TextClassifier,
+    split: TokenizedSplit,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    rng: np.random.Generator,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> float:
+    """One pass over `split` in shuffled, length-bucketed batches; returns the mean loss."""
     model.train()
-    total_loss, seen, tokens, padded = 0.0, 0, 0, 0
+    total_loss, seen = 0.0, 0
     for input_ids, attention_mask, labels in iterate_batches(split, batch_size, pad_token_id, rng):
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
@@ -191,14 +218,17 @@ def train_epoch(
         optimizer.step()
         total_loss += loss.item() * len(labels)
         seen += len(labels)
-        tokens += int(attention_mask.sum())
-        padded += attention_mask.numel()
-    return total_loss / seen, tokens, padded
+    return total_loss / seen
 
 
 @torch.inference_mode()
 def predict_logits(
-    model: TextClassifier, split: TokenizedSplit, batch_size: int, pad_token_id: int, device="cpu",
+    model: TextClassifier,
+    split: TokenizedSplit,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: str = "cpu",
     precision: str = "fp32",
 ) -> torch.Tensor:
     """Logits (on the CPU) in the split's original row order."""
@@ -224,10 +254,21 @@ def weighted_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
     return float(total / len(labels)) if len(labels) else 0.0
 
 
-def validate(model, split, batch_size, pad_token_id, loss_fn, device="cpu", precision="fp32") -> tuple[float, float]:
-    logits = predict_logits(model, split, batch_size, pad_token_id, device, precision)
-    labels = torch.tensor(split.labels)
-    val_loss = loss_fn(logits, labels).item()
+def validate(
+    model: TextClassifier,
+    split: TokenizedSplit,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    loss_fn: nn.Module,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> tuple[float, float]:
+    """(loss, weighted F1) on `split`."""
+    logits = predict_logits(
+        model, split, batch_size=batch_size, pad_token_id=pad_token_id, device=device, precision=precision
+    )
+    val_loss = loss_fn(logits, torch.from_numpy(split.labels)).item()
     return val_loss, weighted_f1(split.labels, logits.argmax(dim=1).numpy())
 
 
@@ -239,10 +280,11 @@ Reporter = Callable[[dict, Optional[Callable[[Path], None]]], None]
 def train_classifier(
     config: dict,
     data: TokenizedData,
+    *,
     num_epochs: int,
     batch_size: int,
     report: Reporter,
-    seed: int = 1234,
+    seed: int,
     resume_from: Optional[Path] = None,
     device: str = "cpu",
     precision: str = "fp32",
@@ -250,13 +292,10 @@ def train_classifier(
 ) -> None:
     """Fine-tune backbone + head with AdamW and ReduceLROnPlateau, reporting every epoch.
 
-    Besides the learning metrics, each epoch reports timings that benchmarks/run.py reads back:
-    `epoch_time_s` (train + validation), `train_time_s`, `tokens`/`padded_tokens` (real and padded
-    tokens trained on), `epoch_end_unix`, `setup_time_s` (model build) and `checkpoint_write_s`
-    (total seconds spent writing checkpoints so far, i.e. in earlier epochs' reports).
+    `config` holds the search space's hyperparameters (tagifai/search_space.py). A resumed run
+    continues from its checkpoint's weights, epoch and learning rate (not the optimizer moments).
     """
-    check_precision(precision, device)
-    setup_started = time.perf_counter()
+    precision = resolve_precision(precision, device)
     release_freed_memory()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -264,7 +303,7 @@ def train_classifier(
     first_epoch, best_val_loss = 1, math.inf
     if resume_from is None:
         model = build_classifier(data.backbone, len(data.class_to_index), float(config["dropout_p"]))
-    else:  # a retried trial continues from its best checkpoint (weights and LR; not optimizer moments)
+    else:
         model, _, saved = load_checkpoint(resume_from)
         first_epoch, best_val_loss, lr = saved["epoch"] + 1, saved["val_loss"], saved["lr"]
     freeze_lower_layers(model, trainable_layers)
@@ -276,17 +315,13 @@ def train_classifier(
         optimizer, mode="min", factor=float(config["lr_factor"]), patience=int(config["lr_patience"])
     )
     loss_fn = nn.CrossEntropyLoss()
-    setup_time_s = time.perf_counter() - setup_started
-    checkpoint_write_s = [0.0]
+    steps = dict(pad_token_id=data.pad_token_id, loss_fn=loss_fn, device=device, precision=precision)
 
     for epoch in range(first_epoch, num_epochs + 1):
         started = time.perf_counter()
         epoch_lr = optimizer.param_groups[0]["lr"]
-        train_loss, tokens, padded = train_epoch(
-            model, data.train, batch_size, data.pad_token_id, optimizer, loss_fn, rng, device, precision
-        )
-        train_time_s = time.perf_counter() - started
-        val_loss, val_f1 = validate(model, data.val, batch_size * 2, data.pad_token_id, loss_fn, device, precision)
+        train_loss = train_epoch(model, data.train, batch_size=batch_size, optimizer=optimizer, rng=rng, **steps)
+        val_loss, val_f1 = validate(model, data.val, batch_size=batch_size * 2, **steps)
         scheduler.step(val_loss)
         metrics = {
             "epoch": epoch,
@@ -295,12 +330,7 @@ def train_classifier(
             "val_loss": val_loss,
             "val_f1": val_f1,
             "epoch_time_s": time.perf_counter() - started,
-            "train_time_s": train_time_s,
-            "tokens": tokens,
-            "padded_tokens": padded,
-            "epoch_end_unix": time.time(),
-            "setup_time_s": setup_time_s,
-            "checkpoint_write_s": checkpoint_write_s[0],
+            "train_tokens": int(data.train.lengths.sum()),  # real tokens, for tokens/s: every row once per epoch
         }
         save = None
         if val_loss < best_val_loss:
@@ -319,8 +349,6 @@ def train_classifier(
             }
 
             def save(folder: Path, args=args) -> None:
-                write_started = time.perf_counter()
                 save_checkpoint(model, tokenizer(), folder, args)
-                checkpoint_write_s[0] += time.perf_counter() - write_started
 
         report(metrics, save)

@@ -34,7 +34,13 @@ def _maybe_inject_fault(epoch: int) -> None:
 
 
 def run_trial(
-    config: dict, data: TokenizedData, num_epochs: int, batch_size: int, seed: int, trainable_layers: int | None
+    config: dict,
+    data: TokenizedData,
+    num_epochs: int,
+    batch_size: int,
+    seed: int,
+    trainable_layers: int | None,
+    precision: str,
 ) -> None:
     """One trial: threads matched to its CPUs, resumed from its checkpoint when retried."""
     assigned = ray.get_runtime_context().get_assigned_resources()
@@ -50,15 +56,22 @@ def run_trial(
             save(Path(folder))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
+    training = dict(
+        num_epochs=num_epochs,
+        batch_size=batch_size,
+        report=report,
+        seed=seed,
+        device=device,
+        precision=precision,
+        trainable_layers=trainable_layers,
+    )
     checkpoint = tune.get_checkpoint()
     try:
         if checkpoint is None:
-            train_classifier(config, data, num_epochs, batch_size, report, seed=seed, device=device,
-                             trainable_layers=trainable_layers)
+            train_classifier(config, data, **training)
         else:
             with checkpoint.as_directory() as folder:
-                train_classifier(config, data, num_epochs, batch_size, report, seed=seed, device=device,
-                                 resume_from=Path(folder), trainable_layers=trainable_layers)
+                train_classifier(config, data, resume_from=Path(folder), **training)
     finally:
         # Free the model now, in this thread, and give the memory back before the next trial. Left
         # to the garbage collector (closures form cycles), the tensors may be freed while Ray tears

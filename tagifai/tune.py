@@ -13,8 +13,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import ray
 from mlflow.tracking import MlflowClient
@@ -23,7 +24,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from tagifai import tracking
+from tagifai import search_space, tracking
+from tagifai.errors import ResourceError
 from tagifai.settings import TuneSettings
 from tagifai.train import TokenizedData
 from tagifai.trial import run_trial
@@ -32,16 +34,11 @@ logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_loss", "min"
 COMPLETE_MARKER = "tuning_complete.json"
-SEARCH_SPACE = {
-    "dropout_p": tune.uniform(0.3, 0.9),
-    "lr": tune.loguniform(1e-5, 5e-4),
-    "lr_factor": tune.uniform(0.1, 0.9),
-    "lr_patience": tune.uniform(1, 10),
-}
 
 
-class ResourceError(RuntimeError):
-    """A trial asks for more than the Ray cluster has: it would stay PENDING forever."""
+def param_space() -> dict:
+    """Ray Tune's sampling domains, one per row of the search-space table."""
+    return {p.name: getattr(tune, p.distribution)(p.low, p.high) for p in search_space.SEARCH_SPACE}
 
 
 class TrialTracker(tune.Callback):
@@ -153,6 +150,7 @@ def _trainable(data: TokenizedData, settings: TuneSettings):
         batch_size=settings.batch_size,
         seed=settings.seed,
         trainable_layers=settings.trainable_layers,
+        precision=settings.precision,
     )
     return tune.with_resources(trainable, {"cpu": settings.cpu_per_worker, "gpu": settings.gpu_per_worker})
 
@@ -161,9 +159,7 @@ def build_tuner(
     data: TokenizedData, settings: TuneSettings, path: Path, tracker: TrialTracker, resume: bool
 ) -> tune.Tuner:
     if resume:  # finished trials stay finished; unfinished and errored ones continue from checkpoints
-        return tune.Tuner.restore(
-            str(path), _trainable(data, settings), resume_unfinished=True, resume_errored=True
-        )
+        return tune.Tuner.restore(str(path), _trainable(data, settings), resume_unfinished=True, resume_errored=True)
     search = HyperOptSearch(
         points_to_evaluate=settings.initial_params, metric=METRIC, mode=MODE, random_state_seed=settings.seed
     )
@@ -172,7 +168,7 @@ def build_tuner(
     )
     return tune.Tuner(
         _trainable(data, settings),
-        param_space=SEARCH_SPACE,
+        param_space=param_space(),
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
@@ -205,15 +201,17 @@ def summarize_results(results, num_epochs: int) -> list[dict]:
         best = result.get_best_checkpoint(METRIC, MODE) if has_history else None
         epochs = int(history["epoch"].max()) if has_history else 0
         status = "error" if result.error else ("completed" if epochs >= num_epochs else "pruned")
-        rows.append({
-            "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
-            "params": {k: float(v) for k, v in result.config.items()},
-            "val_loss": float(history[METRIC].min()) if has_history else None,
-            "val_f1": float(history.loc[history[METRIC].idxmin(), "val_f1"]) if has_history else None,
-            "epochs": epochs,
-            "status": status,
-            "checkpoint_dir": best.path if best is not None else None,
-        })
+        rows.append(
+            {
+                "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+                "params": {k: float(v) for k, v in result.config.items()},
+                "val_loss": float(history[METRIC].min()) if has_history else None,
+                "val_f1": float(history.loc[history[METRIC].idxmin(), "val_f1"]) if has_history else None,
+                "epochs": epochs,
+                "status": status,
+                "checkpoint_dir": best.path if best is not None else None,
+            }
+        )
     return rows
 
 

@@ -16,6 +16,8 @@ def pytest_configure(config):
     # Before any test imports Prefect: a private Prefect home per session (database, cached
     # results), so concurrent test sessions never share a SQLite file, and no analytics.
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+    # Downloaded datasets are revalidated from a per-session cache, never the user's ~/.cache.
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="xdg-cache-")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -75,10 +77,9 @@ def tiny_settings(workdir: Path, backbone: Path, **overrides):
 @pytest.fixture(scope="session")
 def tuned_store(tmp_path_factory, tiny_backbone):
     """One real tiny tuning run (Prefect + Ray Tune + MLflow) that several tests read."""
-    from flows.tune import tune_classifier
-
     import pandas as pd
 
+    from flows.tune import tune_classifier
     from tagifai.data import sample_dataset_path
 
     workdir = tmp_path_factory.mktemp("tuned")
@@ -102,7 +103,11 @@ def launched(demo):
         env.setenv("NO_PROXY", "localhost,127.0.0.1")
         try:
             _, url, _ = demo.launch(
-                prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **launch_options()
+                prevent_thread_lock=True,
+                server_name="127.0.0.1",
+                server_port=free_port(),
+                quiet=True,
+                **launch_options(),
             )
             yield url
         finally:
@@ -123,7 +128,9 @@ def experiment(tuned_store, served, tmp_path_factory):
     """The Experiment tab's data for the served run, as the demo's `main` reads it at start."""
     from demo.experiment import load_experiment
 
-    return load_experiment(tuned_store["settings"].tracking_uri, served[1].run_id, tmp_path_factory.mktemp("experiment"))
+    return load_experiment(
+        tuned_store["settings"].tracking_uri, served[1].run_id, tmp_path_factory.mktemp("experiment")
+    )
 
 
 @pytest.fixture(scope="module")

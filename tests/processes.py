@@ -73,8 +73,13 @@ def running(args: list, log_path: Path, env: dict, cwd: Path = REPO, grace_s: fl
     """A background process writing to `log_path`, stopped on exit whatever happened."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(arg) for arg in args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [str(arg) for arg in args],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             yield process

@@ -103,28 +103,50 @@ def bad_cases(tmp: Path, http_base: str, silent_url: str, tiny_backbone: Path) -
         "initial params out of space": (data + ["--initial-params", '{"dropout_p": 1.5}'], "outside the search space"),
         "trainable layers not a number": (data + ["--trainable-layers", "top"], "--trainable-layers"),
         "more trainable layers than the model": (
-            data + ["--model", str(tiny_backbone), "--trainable-layers", "3"], "exceeds the 2 encoder layers"
+            data + ["--model", str(tiny_backbone), "--trainable-layers", "3"],
+            "exceeds the 2 encoder layers",
         ),
         "model that is not a model": (data + ["--model", str(tmp / "not_a_model")], "not a transformers model"),
         "unreachable tracking URI": (data + ["--tracking-uri", "http://127.0.0.1:9"], "not reachable"),
         "more CPUs than the cluster": (
-            data + ["--model", str(tiny_backbone), "--cpu-per-worker", "64"], "asks for 64 CPU"
+            data + ["--model", str(tiny_backbone), "--cpu-per-worker", "64"],
+            "asks for 64 CPU",
         ),
     }
 
 
 CASE_NAMES = [
-    "missing file", "URL 404", "URL timeout", "folder instead of file", "empty file", "header only",
-    "wrong delimiter", "missing column", "non-UTF-8 bytes", "binary file", "tag too rare to stratify",
-    "only one tag", "holdout tag never seen", "num-runs 0", "negative epochs", "zero batch size",
-    "initial params not JSON", "initial params unknown key", "initial params out of space",
-    "trainable layers not a number", "more trainable layers than the model", "model that is not a model", "unreachable tracking URI", "more CPUs than the cluster",
+    "missing file",
+    "URL 404",
+    "URL timeout",
+    "folder instead of file",
+    "empty file",
+    "header only",
+    "wrong delimiter",
+    "missing column",
+    "non-UTF-8 bytes",
+    "binary file",
+    "tag too rare to stratify",
+    "only one tag",
+    "holdout tag never seen",
+    "num-runs 0",
+    "negative epochs",
+    "zero batch size",
+    "initial params not JSON",
+    "initial params unknown key",
+    "initial params out of space",
+    "trainable layers not a number",
+    "more trainable layers than the model",
+    "model that is not a model",
+    "unreachable tracking URI",
+    "more CPUs than the cluster",
 ]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_bad_input_fails_fast_with_a_clear_message(case, tmp_path, local_http, silent_server, tiny_backbone,
-                                                   monkeypatch, capsys):
+def test_bad_input_fails_fast_with_a_clear_message(
+    case, tmp_path, local_http, silent_server, tiny_backbone, monkeypatch, capsys
+):
     from flows.tune import main
 
     monkeypatch.setattr(tagifai.data, "URL_TIMEOUT_S", 1)

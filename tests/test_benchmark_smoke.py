@@ -26,8 +26,15 @@ def tiny_csv(tmp_path):
         tag = TINY_TAGS[index % len(TINY_TAGS)]
         words = WORDS[tag].split()
         description = " ".join(rng.choice(words, size=int(rng.integers(3, 25))))
-        rows.append({"id": index, "created_on": "2020-01-01", "title": f"{words[0]} project {index}",
-                     "description": description, "tag": tag})
+        rows.append(
+            {
+                "id": index,
+                "created_on": "2020-01-01",
+                "title": f"{words[0]} project {index}",
+                "description": description,
+                "tag": tag,
+            }
+        )
     path = tmp_path / "tiny.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -37,19 +44,39 @@ def test_benchmark_writes_sane_json(tiny_backbone, tiny_csv, tmp_path):
     from benchmarks.run import main
 
     out = tmp_path / "results.json"
-    main(["--dataset-loc", str(tiny_csv), "--model", str(tiny_backbone), "--quick", "--skip-tuning",
-          "--skip-levers", "--out", str(out)])
+    main(
+        [
+            "--dataset-loc",
+            str(tiny_csv),
+            "--model",
+            str(tiny_backbone),
+            "--quick",
+            "--skip-tuning",
+            "--skip-levers",
+            "--out",
+            str(out),
+        ]
+    )
     results = json.loads(out.read_text())
 
     assert {"machine", "train", "tuning", "inference", "memory", "targets"} <= set(results)
     assert results["machine"]["nproc"] >= 1 and results["machine"]["threads"] >= 1
     train = results["train"]
-    for key in ("tokens_per_s", "naive_tokens_per_s", "speedup_vs_naive", "matmul_gflops_fp32", "model_gflops",
-                "efficiency_fp32", "samples_per_s"):
+    for key in (
+        "tokens_per_s",
+        "naive_tokens_per_s",
+        "speedup_vs_naive",
+        "matmul_gflops_fp32",
+        "model_gflops",
+        "efficiency_fp32",
+        "samples_per_s",
+    ):
         assert train[key] > 0, key
     for key in ("padding_waste", "naive_padding_waste"):
         assert 0 <= train[key] < 1, key
-    assert train["padding_waste"] <= train["naive_padding_waste"]  # bucketing never pads more than padding to the longest
+    assert (
+        train["padding_waste"] <= train["naive_padding_waste"]
+    )  # bucketing never pads more than padding to the longest
     for key in ("val_f1", "naive_val_f1"):
         assert 0 <= train[key] <= 1, key
     assert results["tuning"] == {"skipped": True}
@@ -87,8 +114,13 @@ def test_timeline_attribution_adds_up():
         ("mlflow_logging", "log_epoch", 9.0, 9.5),  # under compute: hidden, not overhead
     ]
     timeline.marks = {"start": [("a", 3.0), ("b", 3.0)], "end": [("a", 15.5), ("b", 15.5)]}
-    epochs = lambda ends: [{"epoch": i + 1, "epoch_time_s": 5.0, "epoch_end_unix": end, "val_loss": 1.0 - i}
-                           for i, end in enumerate(ends)]
+
+    def epochs(ends):
+        return [
+            {"epoch": i + 1, "epoch_time_s": 5.0, "epoch_end_unix": end, "val_loss": 1.0 - i}
+            for i, end in enumerate(ends)
+        ]
+
     trials = [{"trial_id": "a", "epochs": epochs([9.0, 15.0])}, {"trial_id": "b", "epochs": epochs([9.0, 15.0])}]
     result = attribute(timeline, trials, called=0.0, returned=20.0)
     assert result["wall_s"] == pytest.approx(20.0)

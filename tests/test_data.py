@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 
 from tagifai.data import (
-    DataError,
     check_trainable,
     clean_text,
     load_dataset,
@@ -15,6 +14,7 @@ from tagifai.data import (
     split_dataset,
     validate_dataset,
 )
+from tagifai.errors import DataError
 
 TAGS = ["computer-vision", "mlops", "natural-language-processing", "other"]
 
@@ -23,13 +23,15 @@ def make_frame(rows_per_tag: int = 20) -> pd.DataFrame:
     rows = []
     for t, tag in enumerate(TAGS):
         for i in range(rows_per_tag):
-            rows.append({
-                "id": str(t * 1000 + i),
-                "created_on": "2020-01-01 00:00:00",
-                "title": f"{tag} project {i}",
-                "description": f"A {tag} description number {i}",
-                "tag": tag,
-            })
+            rows.append(
+                {
+                    "id": str(t * 1000 + i),
+                    "created_on": "2020-01-01 00:00:00",
+                    "title": f"{tag} project {i}",
+                    "description": f"A {tag} description number {i}",
+                    "tag": tag,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -61,10 +63,12 @@ def test_missing_column_is_named():
 
 def test_validation_drops_rows_without_text_and_duplicates():
     frame = make_frame(5)
-    extra = pd.DataFrame([
-        {"id": "9001", "created_on": "", "title": "", "description": "", "tag": "mlops"},
-        {**frame.iloc[0].to_dict(), "id": "9002"},  # same content, new id: a duplicate
-    ])
+    extra = pd.DataFrame(
+        [
+            {"id": "9001", "created_on": "", "title": "", "description": "", "tag": "mlops"},
+            {**frame.iloc[0].to_dict(), "id": "9002"},  # same content, new id: a duplicate
+        ]
+    )
     cleaned = validate_dataset(pd.concat([frame, extra]), "x.csv")
     assert len(cleaned) == len(frame)
 

@@ -49,7 +49,9 @@ def test_champion_is_served_with_its_provenance(served, store):
 
 
 def test_best_run_is_served_when_no_model_is_registered(store):
-    _, provenance = load_model(store["tracking_uri"], experiment_name=store["experiment_name"], model_name="unregistered")
+    _, provenance = load_model(
+        store["tracking_uri"], experiment_name=store["experiment_name"], model_name="unregistered"
+    )
     assert provenance.run_id == store["run_id"]
     assert "lowest validation loss" in provenance.chosen_by
 
@@ -82,8 +84,11 @@ def test_a_retried_trial_is_one_row_and_untagged_runs_fall_back_to_the_experimen
 
     def run(trial: str, status: str, losses: dict) -> str:
         run_id = client.create_run(experiment_id, tags={tracking.TAG_TRIAL: trial}).info.run_id
-        metrics = [Metric(key, value, 0, epoch) for epoch, loss in losses.items()
-                   for key, value in (("val_loss", loss), ("train_loss", loss + 0.1), ("val_f1", 1 - loss))]
+        metrics = [
+            Metric(key, value, 0, epoch)
+            for epoch, loss in losses.items()
+            for key, value in (("val_loss", loss), ("train_loss", loss + 0.1), ("val_f1", 1 - loss))
+        ]
         client.log_batch(run_id, metrics=metrics, params=params)
         client.set_terminated(run_id, status=status)
         return run_id
@@ -95,7 +100,9 @@ def test_a_retried_trial_is_one_row_and_untagged_runs_fall_back_to_the_experimen
     rows = experiment.trials.set_index("trial_id")
     assert list(rows.index) == ["t1", "t2"] and "whole experiment" in experiment.note
     assert rows.loc["t1", ["status", "attempts", "epochs", "run_id"]].tolist() == ["FINISHED", 2, 3, retried[:8]]
-    assert rows.loc["t1", "best_val_loss"] == pytest.approx(0.4) and rows.loc["t1", "val_f1_at_best"] == pytest.approx(0.6)
+    assert rows.loc["t1", "best_val_loss"] == pytest.approx(0.4) and rows.loc["t1", "val_f1_at_best"] == pytest.approx(
+        0.6
+    )
     assert rows.loc["t2", "note"] == "served" and rows.loc["t1", "note"] == ""
     assert experiment.parallel_coordinates.stat().st_size > 5_000 and experiment.learning_curves.stat().st_size > 5_000
 
@@ -111,7 +118,9 @@ def test_batch_and_single_predictions_agree(served):
 
 def test_score_frame_keeps_rows_and_leaves_textless_rows_blank(served):
     predictor, _ = served
-    frame = pd.DataFrame({"id": ["007", "8", "9"], "title": ["Drone birds", "", "Model rollback"], "description": ["", "", "Canary"]})
+    frame = pd.DataFrame(
+        {"id": ["007", "8", "9"], "title": ["Drone birds", "", "Model rollback"], "description": ["", "", "Canary"]}
+    )
     scored, blank = score_frame(predictor, frame)
     assert blank == 1
     assert scored["id"].tolist() == ["007", "8", "9"]
@@ -222,7 +231,11 @@ def test_missing_store_exits_non_zero_with_the_train_command(tmp_path):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     finished = subprocess.run(
         [sys.executable, "-m", "demo.app", "--tracking-uri", uri],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert finished.returncode != 0
     assert "python -m flows.tune" in finished.stderr

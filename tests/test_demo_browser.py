@@ -1,4 +1,5 @@
-"""The demo page in a real headless Chromium with the network cut off: it renders, predicts, explains and shows the trials.
+"""The demo page in a real headless Chromium with the network cut off: it renders, predicts, explains,
+shows the trials.
 
 Needs Debian's browser and driver: apt-get install -y chromium chromium-driver (CI installs them too).
 """
@@ -104,7 +105,11 @@ def test_page_predicts_offline(browser, demo_url, served, tmp_path):
 
     shown_tag = wait.until(
         lambda page: next(
-            (e.text for e in page.find_elements(By.CSS_SELECTOR, "#prediction [data-testid='label-output-value']") if e.text),
+            (
+                e.text
+                for e in page.find_elements(By.CSS_SELECTOR, "#prediction [data-testid='label-output-value']")
+                if e.text
+            ),
             None,
         )
     )
@@ -116,8 +121,12 @@ def test_page_predicts_offline(browser, demo_url, served, tmp_path):
     assert sorted(tags) == sorted(predictor.classes)
     assert all(p.endswith("%") for p in percents), percents
     assert provenance.run_id in browser.find_element(By.ID, "provenance").text
-    outside = [u for u in requested_urls(browser) if urlparse(u).scheme in ("http", "https", "ws", "wss")
-               and urlparse(u).hostname not in ("127.0.0.1", "localhost")]
+    outside = [
+        u
+        for u in requested_urls(browser)
+        if urlparse(u).scheme in ("http", "https", "ws", "wss")
+        and urlparse(u).hostname not in ("127.0.0.1", "localhost")
+    ]
     assert not outside, f"the page fetched from the network: {outside}"
     assert (tmp_path / "demo.png").stat().st_size > 10_000
 
@@ -128,7 +137,9 @@ def test_empty_input_shows_a_message(browser, demo_url):
     wait = open_page(browser, demo_url)
     browser.find_element(By.ID, "predict-button").click()
     message = wait.until(
-        lambda page: next((e.text for e in page.find_elements(By.CSS_SELECTOR, "[data-testid='toast-text']") if e.text), None)
+        lambda page: next(
+            (e.text for e in page.find_elements(By.CSS_SELECTOR, "[data-testid='toast-text']") if e.text), None
+        )
     )
     assert "Enter a title or a description" in message
     assert "Traceback" not in browser.page_source
@@ -141,7 +152,9 @@ def test_experiment_tab_shows_the_trials_and_plots(browser, demo_url, experiment
     browser.find_element(By.XPATH, "//button[@role='tab' and normalize-space()='Experiment']").click()
     trial_ids = list(experiment.trials["trial_id"])
     table_text = wait.until(
-        lambda page: next((e.text for e in page.find_elements(By.ID, "trials-table") if all(t in e.text for t in trial_ids)), None)
+        lambda page: next(
+            (e.text for e in page.find_elements(By.ID, "trials-table") if all(t in e.text for t in trial_ids)), None
+        )
     )
     assert "served" in table_text and "FINISHED" in table_text
     wait.until(lambda page: all(image_width(page, f"#{elem_id} img") for elem_id in PLOTS))
@@ -152,7 +165,11 @@ def test_experiment_tab_shows_the_trials_and_plots(browser, demo_url, experiment
     # Sortable: the best_val_loss header's menu puts the worst trial on top (the tab lists the best first).
     header = next(h for h in browser.find_elements(By.CSS_SELECTOR, "#trials-table th") if h.text == "best_val_loss")
     browser.execute_script("arguments[0].click()", header.find_element(By.CSS_SELECTOR, "button.cell-menu-button"))
-    sort = wait.until(lambda page: next((b for b in page.find_elements(By.XPATH, "//button[normalize-space()='Sort descending']")), None))
+    sort = wait.until(
+        lambda page: next(
+            (b for b in page.find_elements(By.XPATH, "//button[normalize-space()='Sort descending']")), None
+        )
+    )
     browser.execute_script("arguments[0].click()", sort)
     wait.until(lambda page: trial_ids[-1] in first_row(page) and trial_ids[0] not in first_row(page))
     assert "Traceback" not in browser.page_source

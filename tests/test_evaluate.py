@@ -18,12 +18,14 @@ def frame(rows):
 
 
 def test_metrics_match_hand_computed_values():
-    data = frame([
-        ("Image segmentation with UNet for medical scans", "pixels and masks", "computer-vision"),
-        ("Visual question answering over images and text", "caption words", "computer-vision"),
-        ("BERT sentence classification", "text tokens and language", "natural-language-processing"),
-        ("CNN", "", "natural-language-processing"),
-    ])
+    data = frame(
+        [
+            ("Image segmentation with UNet for medical scans", "pixels and masks", "computer-vision"),
+            ("Visual question answering over images and text", "caption words", "computer-vision"),
+            ("BERT sentence classification", "text tokens and language", "natural-language-processing"),
+            ("CNN", "", "natural-language-processing"),
+        ]
+    )
     # predicted: cv, nlp, nlp, nlp  -> cv: P=1, R=0.5; nlp: P=2/3, R=1
     probabilities = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.4, 0.6]])
     report = evaluation_report(data, probabilities, CLASSES)
@@ -59,9 +61,21 @@ def assert_real_image(path):
 
 def test_plots_are_real_images_with_content(tmp_path):
     trials = [
-        {"trial_id": "a", "params": {"dropout_p": 0.5, "lr": 1e-4, "lr_factor": 0.8, "lr_patience": 3}, "val_loss": 0.4},
-        {"trial_id": "b", "params": {"dropout_p": 0.7, "lr": 3e-5, "lr_factor": 0.3, "lr_patience": 8}, "val_loss": 0.9},
-        {"trial_id": "c", "params": {"dropout_p": 0.4, "lr": 2e-4, "lr_factor": 0.5, "lr_patience": 2}, "val_loss": 0.6},
+        {
+            "trial_id": "a",
+            "params": {"dropout_p": 0.5, "lr": 1e-4, "lr_factor": 0.8, "lr_patience": 3},
+            "val_loss": 0.4,
+        },
+        {
+            "trial_id": "b",
+            "params": {"dropout_p": 0.7, "lr": 3e-5, "lr_factor": 0.3, "lr_patience": 8},
+            "val_loss": 0.9,
+        },
+        {
+            "trial_id": "c",
+            "params": {"dropout_p": 0.4, "lr": 2e-4, "lr_factor": 0.5, "lr_patience": 2},
+            "val_loss": 0.6,
+        },
     ]
     histories = {
         "a": {"epoch": [1, 2, 3], "train_loss": [1.2, 0.7, 0.4], "val_loss": [1.0, 0.6, 0.4]},

@@ -60,36 +60,74 @@ def test_failing_trial_is_retried_from_its_checkpoint_and_failed_attempt_is_mark
         predict.main(["--title", "a", "--run-id", summary["run_id"], "--tracking-uri", settings.tracking_uri])
     assert "corrupted" in str(exit_info.value.code)
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--run-id", summary["run_id"], "--dataset-loc", str(tmp_path / "missing.csv"),
-                       "--tracking-uri", settings.tracking_uri])
+        evaluate.main(
+            [
+                "--run-id",
+                summary["run_id"],
+                "--dataset-loc",
+                str(tmp_path / "missing.csv"),
+                "--tracking-uri",
+                settings.tracking_uri,
+            ]
+        )
     assert "not found" in str(exit_info.value.code)  # data is checked first...
     from tagifai.data import sample_dataset_path
 
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--run-id", summary["run_id"], "--dataset-loc", str(sample_dataset_path()),
-                       "--tracking-uri", settings.tracking_uri])
+        evaluate.main(
+            [
+                "--run-id",
+                summary["run_id"],
+                "--dataset-loc",
+                str(sample_dataset_path()),
+                "--tracking-uri",
+                settings.tracking_uri,
+            ]
+        )
     assert "corrupted" in str(exit_info.value.code)  # ...then the checkpoint
 
 
 def flow_command(workdir: Path, backbone: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "flows.tune", "--model", str(backbone),
-        "--tracking-uri", f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
-        "--storage-path", str(workdir / "ray_results"), *extra,
+        sys.executable,
+        "-m",
+        "flows.tune",
+        "--model",
+        str(backbone),
+        "--tracking-uri",
+        f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
+        "--storage-path",
+        str(workdir / "ray_results"),
+        *extra,
     ]
 
 
 def start_flow(command: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_LOGGING_LEVEL": "INFO"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def test_flow_killed_mid_tuning_resumes_without_rerunning_finished_trials(tmp_path, tiny_backbone):
     (tmp_path / "mlruns").mkdir()
     command = flow_command(
-        tmp_path, tiny_backbone, "--experiment-name", "killed", "--num-runs", "3", "--max-concurrent", "1",
-        "--num-epochs", "4", "--grace-period", "4", "--batch-size", "4", "--results-fp", str(tmp_path / "out.json"),
+        tmp_path,
+        tiny_backbone,
+        "--experiment-name",
+        "killed",
+        "--num-runs",
+        "3",
+        "--max-concurrent",
+        "1",
+        "--num-epochs",
+        "4",
+        "--grace-period",
+        "4",
+        "--batch-size",
+        "4",
+        "--results-fp",
+        str(tmp_path / "out.json"),
     )
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     first = start_flow(command, tmp_path / "first.log")
@@ -130,9 +168,21 @@ def test_two_flows_at_once_share_one_mlflow_store(tmp_path, tiny_backbone):
     (tmp_path / "mlruns").mkdir()
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     flows = [
-        start_flow(flow_command(tmp_path, tiny_backbone, "--experiment-name", "shared", "--num-runs", "2",
-                                "--num-epochs", "2", "--results-fp", str(tmp_path / f"out{i}.json")),
-                   tmp_path / f"flow{i}.log")
+        start_flow(
+            flow_command(
+                tmp_path,
+                tiny_backbone,
+                "--experiment-name",
+                "shared",
+                "--num-runs",
+                "2",
+                "--num-epochs",
+                "2",
+                "--results-fp",
+                str(tmp_path / f"out{i}.json"),
+            ),
+            tmp_path / f"flow{i}.log",
+        )
         for i in range(2)
     ]
     try:

@@ -30,7 +30,9 @@ def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):
         assert {"model.safetensors", "classifier.json", "config.json"} <= names
 
     # The seeded initial point was evaluated.
-    assert {"dropout_p": 0.3, "lr": 5e-4, "lr_factor": 0.8, "lr_patience": 3.0} in [t["params"] for t in summary["trials"]]
+    assert {"dropout_p": 0.3, "lr": 5e-4, "lr_factor": 0.8, "lr_patience": 3.0} in [
+        t["params"] for t in summary["trials"]
+    ]
 
     # The best run: lowest val_loss, tagged, with test metrics, registered under the champion alias.
     best = client.get_run(summary["run_id"])
@@ -38,8 +40,9 @@ def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):
     assert best.data.tags[tracking.TAG_BEST] == "true"
     assert best.data.metrics["test_f1"] == summary["test"]["f1"]
     plots = {a.path for a in client.list_artifacts(summary["run_id"], "plots")}
-    assert plots == {f"plots/{name}.png" for name in
-                     ("confusion_matrix", "per_class_f1", "parallel_coordinates", "learning_curves")}
+    assert plots == {
+        f"plots/{name}.png" for name in ("confusion_matrix", "per_class_f1", "parallel_coordinates", "learning_curves")
+    }
     assert "evaluation.json" in {a.path for a in client.list_artifacts(summary["run_id"])}
     version = client.get_model_version_by_alias("tagifai", tracking.CHAMPION_ALIAS)
     assert version.run_id == summary["run_id"]
@@ -47,8 +50,15 @@ def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):
     # The JSON summary on disk has the documented shape.
     written = json.loads((tuned_store["workdir"] / "results.json").read_text())
     assert set(written) >= {"run_id", "experiment_name", "params", "val_loss", "test", "trials"}
-    assert set(written["test"]) >= {"precision", "recall", "f1", "per_class", "confusion_matrix", "slices",
-                                    "hardest_examples"}
+    assert set(written["test"]) >= {
+        "precision",
+        "recall",
+        "f1",
+        "per_class",
+        "confusion_matrix",
+        "slices",
+        "hardest_examples",
+    }
     assert set(written["test"]["per_class"]) == {"computer-vision", "mlops", "natural-language-processing", "other"}
     assert sum(c["support"] for c in written["test"]["per_class"].values()) == 60
     for trial in written["trials"]:
@@ -61,8 +71,15 @@ def test_second_run_with_same_inputs_reuses_cached_steps(tuned_store, tiny_backb
     from flows.tune import tune_classifier
 
     workdir = tuned_store["workdir"]
-    settings = tiny_settings(workdir, tiny_backbone, experiment_name="tiny-again", num_runs=1, num_epochs=1,
-                             dataset_loc=tuned_store["settings"].dataset_loc, results_fp=str(workdir / "again.json"))
+    settings = tiny_settings(
+        workdir,
+        tiny_backbone,
+        experiment_name="tiny-again",
+        num_runs=1,
+        num_epochs=1,
+        dataset_loc=tuned_store["settings"].dataset_loc,
+        results_fp=str(workdir / "again.json"),
+    )
     summary = tune_classifier(settings)
     assert summary["cached"] == {"load": True, "split": True, "tokenize": True}
     assert len(summary["trials"]) == 1
@@ -74,20 +91,36 @@ def test_evaluate_and_predict_clis_read_the_tracked_run(tuned_store, tmp_path, c
 
     settings, summary = tuned_store["settings"], tuned_store["summary"]
     out = tmp_path / "eval.json"
-    result = evaluate.main([
-        "--run-id", summary["run_id"], "--dataset-loc", str(sample_dataset_path()),
-        "--tracking-uri", settings.tracking_uri, "--results-fp", str(out),
-    ])
+    result = evaluate.main(
+        [
+            "--run-id",
+            summary["run_id"],
+            "--dataset-loc",
+            str(sample_dataset_path()),
+            "--tracking-uri",
+            settings.tracking_uri,
+            "--results-fp",
+            str(out),
+        ]
+    )
     written = json.loads(out.read_text())
     assert written["test"]["num_samples"] == 300 and 0.0 <= written["test"]["f1"] <= 1.0
     assert set(written["test"]["slices"]) == {"short_text_under_5_words", "mentions_vision_and_language"}
     assert result["run_id"] == summary["run_id"]
 
     capsys.readouterr()
-    prediction = predict.main([
-        "--title", "Real-time object detection", "--description", "YOLO on video streams",
-        "--tracking-uri", settings.tracking_uri, "--experiment-name", "tiny",
-    ])
+    prediction = predict.main(
+        [
+            "--title",
+            "Real-time object detection",
+            "--description",
+            "YOLO on video streams",
+            "--tracking-uri",
+            settings.tracking_uri,
+            "--experiment-name",
+            "tiny",
+        ]
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["prediction"] in printed["probabilities"]
     assert abs(sum(printed["probabilities"].values()) - 1.0) < 1e-5

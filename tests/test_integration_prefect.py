@@ -55,8 +55,13 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s:
 
 def run_cli(args: list, env: dict, timeout_s: float = CLI_S) -> str:
     result = subprocess.run(
-        [str(arg) for arg in args], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=timeout_s,
+        [str(arg) for arg in args],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{output[-4000:]}"
@@ -64,6 +69,7 @@ def run_cli(args: list, env: dict, timeout_s: float = CLI_S) -> str:
 
 
 # --- the stack: MLflow server, Prefect server, work pool, worker, deployments -----------------
+
 
 @dataclass
 class Stack:
@@ -98,8 +104,18 @@ def stack(tmp_path_factory):
     mlflow_env = dict(env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     artifacts_dir = root / "mlflow-artifacts"
     mlflow_args = [
-        MLFLOW, "server", "--host", "127.0.0.1", "--port", mlflow_port, "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts_dir,
+        MLFLOW,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        mlflow_port,
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts_dir,
     ]
     prefect_args = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", prefect_port]
     with contextlib.ExitStack() as processes:  # stopped in reverse: worker, Prefect, MLflow
@@ -131,8 +147,9 @@ def run_deployment(stack: Stack, name: str, settings: dict, timeout_s: float):
             if stack.worker.poll() is not None:
                 pytest.fail(f"the worker exited with {stack.worker.returncode}\n{tail(stack.worker_log)}")
             if time.monotonic() > deadline:
-                pytest.fail(f"{name} run {flow_run_id} still {flow_run.state_name} after {timeout_s}s\n"
-                            f"{tail(stack.worker_log)}")
+                pytest.fail(
+                    f"{name} run {flow_run_id} still {flow_run.state_name} after {timeout_s}s\n{tail(stack.worker_log)}"
+                )
             time.sleep(3)
     assert flow_run.state.is_completed(), f"{name} ended {flow_run.state_name}\n{tail(stack.worker_log, 120)}"
     return flow_run
@@ -149,6 +166,7 @@ def tuning_run(stack, tiny_backbone, tmp_path_factory):
 
 # --- the tests ---------------------------------------------------------------------------------
 
+
 def test_deploy_all_creates_the_deployments_of_prefect_yaml(stack):
     import yaml
     from prefect.client.orchestration import SyncPrefectClient
@@ -162,9 +180,7 @@ def test_deploy_all_creates_the_deployments_of_prefect_yaml(stack):
         assert deployment.entrypoint == entry["entrypoint"] and deployment.work_pool_name == POOL
         assert deployment.parameters == (entry.get("parameters") or {})
         # {{ $PWD }} was filled in at deploy time with the folder `prefect deploy` ran in.
-        assert deployment.pull_steps == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
-        ]
+        assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     schedules = deployed["tune-classifier"].schedules
     assert schedules and not any(schedule.active for schedule in schedules)  # present, switched off
 

@@ -47,9 +47,22 @@ def ray_head():
     log_path = temp_dir / "head.log"
     address = f"127.0.0.1:{free_port()}"
     args = [
-        RAY, "start", "--head", "--block", "--port", address.split(":")[1],
-        "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(200 * 1024**2),
-        "--temp-dir", temp_dir, "--include-dashboard=false", "--disable-usage-stats",
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        address.split(":")[1],
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(200 * 1024**2),
+        "--temp-dir",
+        temp_dir,
+        "--include-dashboard=false",
+        "--disable-usage-stats",
     ]
     # Token authentication off, as on the driver below (with it on, a driver needs RAY_AUTH_MODE=token).
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")

@@ -8,7 +8,8 @@ import torch
 
 from tagifai import model as model_module
 from tagifai.data import load_dataset, split_dataset
-from tagifai.model import ModelError, build_classifier, freeze_lower_layers, load_checkpoint, save_checkpoint
+from tagifai.errors import ModelError
+from tagifai.model import build_classifier, freeze_lower_layers, load_checkpoint, save_checkpoint
 from tagifai.predict import Predictor
 from tagifai.settings import DEFAULT_BACKBONE
 from tagifai.train import TokenizedSplit, iterate_batches, tokenize_splits, train_classifier, weighted_f1
@@ -47,7 +48,7 @@ def test_training_lowers_the_loss_and_checkpoints_on_improvement(tiny_data, tmp_
             save(tmp_path / f"epoch{metrics['epoch']}")
             saved.append(metrics["epoch"])
 
-    train_classifier(CONFIG, data, num_epochs=4, batch_size=16, report=report)
+    train_classifier(CONFIG, data, num_epochs=4, batch_size=16, report=report, seed=0)
     assert [r["epoch"] for r in reports] == [1, 2, 3, 4]
     assert set(reports[0]) >= {"epoch", "lr", "train_loss", "val_loss", "val_f1"}
     assert reports[-1]["train_loss"] < reports[0]["train_loss"]
@@ -109,7 +110,9 @@ def test_real_default_backbone_is_checksum_verified_and_loads():
     parameters = sum(p.numel() for p in classifier.backbone.parameters())
     assert 22_000_000 < parameters < 23_500_000
     tokenizer = model_module.load_tokenizer(DEFAULT_BACKBONE)
-    encoded = tokenizer(["image segmentation with unet", "serving models with kubernetes"], padding=True, return_tensors="pt")
+    encoded = tokenizer(
+        ["image segmentation with unet", "serving models with kubernetes"], padding=True, return_tensors="pt"
+    )
     with torch.inference_mode():
         states = classifier.backbone(**encoded).last_hidden_state
     assert states.shape[-1] == 384 and torch.isfinite(states).all()
@@ -147,8 +150,15 @@ def test_freezing_keeps_lower_layers_and_embeddings_unchanged(tiny_data, tiny_ba
 
     _, data = tiny_data
     saved = {}
-    train_classifier(CONFIG, data, num_epochs=1, batch_size=16, trainable_layers=1,
-                     report=lambda metrics, save: saved.setdefault("save", save))
+    train_classifier(
+        CONFIG,
+        data,
+        num_epochs=1,
+        batch_size=16,
+        trainable_layers=1,
+        seed=0,
+        report=lambda metrics, save: saved.setdefault("save", save),
+    )
     reference = build_classifier(str(tiny_backbone), 4, 0.1).state_dict()
     folder = tmp_path / "frozen-checkpoint"
     saved["save"](folder)
@@ -156,7 +166,9 @@ def test_freezing_keeps_lower_layers_and_embeddings_unchanged(tiny_data, tiny_ba
     for name, tensor in trained.items():
         if name.startswith(("backbone.embeddings.", "backbone.encoder.layer.0.")):
             assert torch.equal(tensor, reference[name]), name
-    changed = [n for n in trained if n.startswith("backbone.encoder.layer.1.") and not torch.equal(trained[n], reference[n])]
+    changed = [
+        n for n in trained if n.startswith("backbone.encoder.layer.1.") and not torch.equal(trained[n], reference[n])
+    ]
     assert changed  # the top layer did train
 
 
@@ -165,6 +177,9 @@ def test_trial_workers_do_not_import_driver_only_libraries():
     import subprocess
     import sys
 
-    code = "import sys, tagifai.trial; print(sorted(m for m in ('mlflow', 'hyperopt', 'sklearn', 'prefect') if m in sys.modules))"
+    code = (
+        "import sys, tagifai.trial; "
+        "print(sorted(m for m in ('mlflow', 'hyperopt', 'sklearn', 'prefect') if m in sys.modules))"
+    )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"

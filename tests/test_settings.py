@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import pytest
 
-from tagifai.settings import DEFAULT_INITIAL_PARAMS, TuneSettings, build_parser, parse_settings
+from flows.cli import build_parser, parse_settings
+from tagifai.settings import DEFAULT_INITIAL_PARAMS, TuneSettings
 
 
 def test_help_documents_every_option():
     text = build_parser(TuneSettings, "python -m flows.tune", "").format_help()
-    for option in ("--experiment-name", "--dataset-loc", "--holdout-loc", "--initial-params", "--num-runs",
-                   "--num-samples", "--num-epochs", "--batch-size", "--cpu-per-worker", "--gpu-per-worker",
-                   "--results-fp", "--model", "--max-concurrent", "--grace-period", "--tracking-uri"):
+    for option in (
+        "--experiment-name",
+        "--dataset-loc",
+        "--holdout-loc",
+        "--initial-params",
+        "--num-runs",
+        "--num-samples",
+        "--num-epochs",
+        "--batch-size",
+        "--cpu-per-worker",
+        "--gpu-per-worker",
+        "--results-fp",
+        "--model",
+        "--max-concurrent",
+        "--grace-period",
+        "--tracking-uri",
+    ):
         assert option in text
 
 
@@ -21,24 +36,30 @@ def test_defaults_and_typed_parsing():
     assert settings.initial_params == DEFAULT_INITIAL_PARAMS
 
 
-@pytest.mark.parametrize("value", [
-    '[{"train_loop_config": {"dropout_p": 0.5, "lr": 1e-4, "lr_factor": 0.8, "lr_patience": 3}}]',
-    '{"dropout_p": 0.5, "lr": 1e-4, "lr_factor": 0.8, "lr_patience": 3}',
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        '[{"train_loop_config": {"dropout_p": 0.5, "lr": 1e-4, "lr_factor": 0.8, "lr_patience": 3}}]',
+        '{"dropout_p": 0.5, "lr": 1e-4, "lr_factor": 0.8, "lr_patience": 3}',
+    ],
+)
 def test_initial_params_accept_the_course_format_and_a_bare_dict(value):
     settings = parse_settings(TuneSettings, ["--initial-params", value], "p", "")
     assert settings.initial_params == DEFAULT_INITIAL_PARAMS
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num-runs", "0"], "num-runs"),
-    (["--num-epochs", "-1"], "num-epochs"),
-    (["--batch-size", "0"], "batch-size"),
-    (["--initial-params", "{not json"], "not valid JSON"),
-    (["--initial-params", '{"dropout": 0.5}'], "unknown keys"),
-    (["--initial-params", '{"lr": 0.5}'], "outside the search space"),
-    (["--grace-period", "5", "--num-epochs", "2"], "grace_period"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-runs", "0"], "num-runs"),
+        (["--num-epochs", "-1"], "num-epochs"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--initial-params", "{not json"], "not valid JSON"),
+        (["--initial-params", '{"dropout": 0.5}'], "unknown keys"),
+        (["--initial-params", '{"lr": 0.5}'], "outside the search space"),
+        (["--grace-period", "5", "--num-epochs", "2"], "grace_period"),
+    ],
+)
 def test_bad_options_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_settings(TuneSettings, argv, "python -m flows.tune", "")

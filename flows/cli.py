@@ -1,0 +1,103 @@
+"""Command-line plumbing shared by the CLIs: options generated from the typed settings, Prefect
+defaults for runs started from a terminal, and user errors shown as one line without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from typing import Any, Optional, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from tagifai.errors import UserError
+
+Settings = TypeVar("Settings", bound=BaseModel)
+
+# For command-line runs without a Prefect server: the temporary server Prefect starts can take
+# over its 20 s default to come up on a busy 2-core machine, and it cannot phone home offline.
+CLI_PREFECT_DEFAULTS = {"server.ephemeral.startup_timeout_seconds": 180, "server.analytics_enabled": False}
+
+
+def _cli_type(annotation: Any):
+    """The argparse type for a settings field; JSON-typed fields stay strings for pydantic."""
+    text = str(annotation)
+    for name, kind in (("int", int), ("float", float)):
+        if annotation in (kind, Optional[kind]) or text == name:
+            return kind
+    return str
+
+
+def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one `--option` per model field, help and default from the model;
+    a boolean field is a flag."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = json.dumps(default) if isinstance(default, (list, dict)) else default
+        help_text = (field.description or "").replace("%", "%%")
+        option = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(option, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        if not field.is_required():
+            help_text += f" (default: {shown})".replace("%", "%%")
+        parser.add_argument(
+            option,
+            dest=name,
+            type=_cli_type(field.annotation),
+            required=field.is_required(),
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
+    return parser
+
+
+def parse_settings(model: type[Settings], argv: Optional[list[str]], prog: str, description: str) -> Settings:
+    """Parse CLI arguments into `model`; a bad value exits with the field's message, not a traceback."""
+    parser = build_parser(model, prog, description)
+    arguments = vars(parser.parse_args(argv))
+    try:
+        return model(**arguments)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'options'}: {e['msg']}" for e in error.errors()
+        )
+        parser.error(problems)
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed run with its traceback; for a user error the message is the answer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def command_line_run():
+    """Prefect defaults for a run started from a terminal; a user error exits with its message."""
+    from prefect.settings import temporary_settings
+
+    quiet = _HideUserErrorTracebacks()
+    run_loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for run_logger in run_loggers:
+        run_logger.addFilter(quiet)
+    try:
+        with temporary_settings(set_defaults=CLI_PREFECT_DEFAULTS), exit_on_user_error():
+            yield
+    finally:
+        for run_logger in run_loggers:
+            run_logger.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """A user error ends the command with `error: <message>` on stderr and exit code 1."""
+    try:
+        yield
+    except UserError as error:
+        sys.exit(f"error: {error}")

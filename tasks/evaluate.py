@@ -1,0 +1,40 @@
+"""Prefect tasks: evaluate a checkpoint on the test rows, and log the evaluation and the study's
+plots to the best MLflow run."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tagifai import plots, tracking
+from tagifai.evaluate import evaluate_frame
+from tagifai.predict import Predictor
+
+
+@task(name="evaluate-best", cache_policy=NO_CACHE)
+def evaluate_checkpoint(checkpoint_dir: str, test: pd.DataFrame) -> dict:
+    return evaluate_frame(Predictor(Path(checkpoint_dir)), test)
+
+
+@task(name="log-evaluation", cache_policy=NO_CACHE)
+def log_evaluation(tracking_uri: str, best: dict, trials: list[dict], test_metrics: dict) -> dict:
+    """Plots and the full evaluation logged to the best run; returns the plots' artifact URIs."""
+    client = MlflowClient(tracking_uri)
+    histories = {t["trial_id"]: tracking.metric_histories(client, t["run_id"]) for t in trials if t["run_id"]}
+    with tempfile.TemporaryDirectory(prefix="tagifai-plots-") as folder:
+        folder = Path(folder)
+        confusion = test_metrics["confusion_matrix"]
+        plots.plot_confusion_matrix(confusion["matrix"], confusion["labels"], folder / "confusion_matrix.png")
+        plots.plot_per_class_f1(test_metrics["per_class"], folder / "per_class_f1.png")
+        plots.plot_parallel_coordinates(trials, best["trial_id"], folder / "parallel_coordinates.png")
+        plots.plot_learning_curves(histories, best["trial_id"], folder / "learning_curves.png")
+        names = sorted(path.name for path in folder.glob("*.png"))
+        tracking.log_files(client, best["run_id"], folder, "plots")
+    client.log_dict(best["run_id"], test_metrics, "evaluation.json")
+    base = client.get_run(best["run_id"]).info.artifact_uri.rstrip("/")
+    return {name.removesuffix(".png"): f"{base}/plots/{name}" for name in names}

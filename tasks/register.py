@@ -1,0 +1,49 @@
+"""Prefect task: register the best run as a model version, and publish the `best-run` report."""
+
+from __future__ import annotations
+
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tagifai import tracking
+
+
+@task(name="register-best", cache_policy=NO_CACHE)
+def register_best(tracking_uri: str, model_name: str, run_id: str, test_metrics: dict) -> str:
+    client = MlflowClient(tracking_uri)
+    tracking.mark_best(client, run_id, test_metrics)
+    return tracking.register_best(client, model_name, run_id)
+
+
+def best_run_markdown(summary: dict) -> str:
+    test = summary["test"]
+    per_class = "\n".join(
+        f"| {tag} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        for tag, m in test["per_class"].items()
+    )
+    params = "\n".join(f"- `{k}`: {v:.4g}" for k, v in summary["params"].items())
+    slices = "\n".join(
+        f"| {name} | {m['num_samples']} | " + (f"{m['f1']:.3f} |" if m["num_samples"] else "- |")
+        for name, m in test["slices"].items()
+    )
+    plot_links = "\n".join(f"- {name}: `{uri}`" for name, uri in summary["plots"].items())
+    return (
+        f"# Best run `{summary['run_id']}`\n\n"
+        f"Experiment `{summary['experiment_name']}`, registered as `{summary['registered_model']}` "
+        f"version {summary['model_version']}.\n\n"
+        f"Validation loss {summary['val_loss']:.4f}\n\n## Parameters\n{params}\n\n"
+        f"## Test metrics (weighted)\nprecision {test['precision']:.3f}, recall {test['recall']:.3f}, "
+        f"**F1 {test['f1']:.3f}** on {test['num_samples']} examples\n\n"
+        f"| tag | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n\n"
+        f"## Slices\n| slice | rows | F1 |\n|---|---|---|\n{slices}\n\n"
+        f"## Plots (MLflow artifacts of the best run)\n{plot_links}\n"
+    )
+
+
+@task(name="publish-best-run", cache_policy=NO_CACHE)
+def publish_best_run(summary: dict) -> None:
+    create_markdown_artifact(
+        key="best-run", description="Best run of this tuning run", markdown=best_run_markdown(summary)
+    )
