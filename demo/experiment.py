@@ -101,6 +101,9 @@ def read_experiment(client, served_run_id: str, folder: Path) -> Experiment:
     """The trials table and the two tuning plots (PNGs written into `folder`)."""
     served = client.get_run(served_run_id)
     runs, scope = session_runs(client, served)
+    # Trials a resumed study never knew (started just before a kill, replaced by new ones) are left out.
+    orphaned = [run for run in runs if run.data.tags.get(tracking.TAG_ORPHANED) == "true"]
+    runs = [run for run in runs if run not in orphaned]
     if served_run_id not in {run.info.run_id for run in runs}:
         runs.append(served)
     attempts: dict[str, list] = {}
@@ -130,6 +133,7 @@ def read_experiment(client, served_run_id: str, folder: Path) -> Experiment:
         f"{len(rows)} trial(s) ({len(runs)} MLflow run(s)) of {scope}, best validation loss first. "
         "One row per trial: the latest attempt's status; `attempts` counts its runs. "
         "`note` marks the run served on this page and the tuning's best run."
+        + (f" {len(orphaned)} run(s) of trials replaced after a kill are not shown." if orphaned else "")
     )
     return Experiment(note=note, trials=table, parallel_coordinates=parallel, learning_curves=learning)
 

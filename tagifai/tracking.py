@@ -25,6 +25,10 @@ DEFAULT_STORE_DIR = "mlruns"
 TAG_SESSION = "tagifai.tuning_session"
 TAG_TRIAL = "tagifai.trial_id"
 TAG_BEST = "tagifai.best"
+TAG_ATTEMPT = "tagifai.attempt"  # 1 for a trial's first run; a retry or a resumed experiment adds one
+TAG_RESUMED_FROM = "tagifai.resumed_from_epoch"  # the checkpoint's epoch an attempt continued from (0: scratch)
+TAG_ORPHANED = "tagifai.orphaned"  # a trial the resumed experiment never knew (started after its last snapshot)
+EPOCH_METRICS = ("lr", "train_loss", "val_loss", "val_f1", "epoch_time_s")
 CHECKPOINT_ARTIFACT = "checkpoint"
 CHAMPION_ALIAS = "champion"
 
@@ -104,17 +108,32 @@ def with_retries(action, attempts: int = 5, wait_s: float = 0.5):
             time.sleep(wait_s * (attempt + 1))
 
 
-def start_trial_run(client: MlflowClient, experiment_id: str, session: str, trial_id: str, params: dict) -> str:
-    """A run for one attempt of one trial; earlier attempts still RUNNING are marked FAILED."""
-    for stale in find_runs(client, experiment_id, session, trial_id, status="RUNNING"):
-        client.set_terminated(stale.info.run_id, status="FAILED")
-    run = client.create_run(
-        experiment_id,
-        run_name=f"trial-{trial_id}",
-        tags={TAG_SESSION: session, TAG_TRIAL: trial_id},
-    )
+def start_trial_run(
+    client: MlflowClient, experiment_id: str, session: str, trial_id: str, params: dict, resumed_from_epoch: int = 0
+) -> str:
+    """A run for one attempt of one trial. Earlier attempts still RUNNING were cut off (their flow
+    was killed) and are marked KILLED; a failure that Ray reported was marked FAILED at the time."""
+    earlier = find_runs(client, experiment_id, session, trial_id)
+    for stale in earlier:
+        if stale.info.status == "RUNNING":
+            with_retries(lambda stale=stale: client.set_terminated(stale.info.run_id, status="KILLED"))
+    tags = {TAG_SESSION: session, TAG_TRIAL: trial_id, TAG_ATTEMPT: str(len(earlier) + 1)}
+    tags[TAG_RESUMED_FROM] = str(resumed_from_epoch)
+    run = with_retries(lambda: client.create_run(experiment_id, run_name=f"trial-{trial_id}", tags=tags))
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
     return run.info.run_id
+
+
+def backfill_epochs(client: MlflowClient, runs: list, epochs: list[dict]) -> int:
+    """Log, into the latest of a trial's `runs`, the recorded epochs that none of them holds (the
+    flow died between the trial recording an epoch and the driver logging it). Returns how many."""
+    if not runs:
+        return 0
+    logged = {m.step for run in runs for m in client.get_metric_history(run.info.run_id, "val_loss")}
+    missing = [metrics for metrics in epochs if metrics["epoch"] not in logged]
+    for metrics in missing:
+        log_epoch(client, runs[0].info.run_id, {k: metrics[k] for k in EPOCH_METRICS if k in metrics}, metrics["epoch"])
+    return len(missing)
 
 
 def log_epoch(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> None:
@@ -138,6 +157,17 @@ def close_session_runs(client: MlflowClient, experiment_id: str, session: str, s
     for run in stale:
         with_retries(lambda run=run: client.set_terminated(run.info.run_id, status=status))
     return len(stale)
+
+
+def tag_orphaned_runs(client: MlflowClient, experiment_id: str, session: str, known_trials: set[str]) -> int:
+    """Tag the runs of trials that a resumed experiment never knew about: started after Tune's last
+    snapshot before a kill, they were replaced by new trials. They stay for the record, KILLED."""
+    orphans = [
+        run for run in find_runs(client, experiment_id, session) if run.data.tags.get(TAG_TRIAL) not in known_trials
+    ]
+    for run in orphans:
+        with_retries(lambda run=run: client.set_tag(run.info.run_id, TAG_ORPHANED, "true"))
+    return len(orphans)
 
 
 def log_checkpoint(client: MlflowClient, run_id: str, checkpoint_dir: Path) -> None:

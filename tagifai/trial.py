@@ -16,6 +16,7 @@ import torch
 from ray import tune
 
 from tagifai.train import TokenizedData, release_freed_memory, train_classifier
+from tagifai.trial_store import TrialStore
 
 # Fault injection for the test suite, unset in normal use: "<epoch>:<folder>" makes each trial raise
 # once just before reporting that epoch, so Tune's retry and the resume from checkpoint run for real.
@@ -36,46 +37,47 @@ def _maybe_inject_fault(epoch: int) -> None:
 def run_trial(
     config: dict,
     data: TokenizedData,
+    experiment_uri: str,
     num_epochs: int,
     batch_size: int,
     seed: int,
     trainable_layers: int | None,
     precision: str,
 ) -> None:
-    """One trial: threads matched to its CPUs, resumed from its checkpoint when retried."""
+    """One trial attempt: threads matched to its CPUs; a restarted trial (a retry after a crash, or
+    a resumed experiment) continues from its own record (tagifai/trial_store.py)."""
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
     device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+    store = TrialStore(experiment_uri, tune.get_context().get_trial_id())
+    record = store.read()
+    if record is not None and record.finished:  # it finished before the flow died: say so again, train nothing
+        tune.report({**record.epochs[-1], "replayed": True})
+        return
 
     def report(metrics: dict, save) -> None:
         _maybe_inject_fault(metrics["epoch"])
-        if save is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="tagifai-ckpt-") as folder:
-            save(Path(folder))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        store.record_epoch(metrics, save, finished=metrics["epoch"] >= num_epochs)
+        tune.report(metrics)
 
-    training = dict(
-        num_epochs=num_epochs,
-        batch_size=batch_size,
-        report=report,
-        seed=seed,
-        device=device,
-        precision=precision,
-        trainable_layers=trainable_layers,
-    )
-    checkpoint = tune.get_checkpoint()
+    checkpoint = store.checkpoint_to_use(record) if record is not None else None
     try:
-        if checkpoint is None:
-            train_classifier(config, data, **training)
-        else:
-            with checkpoint.as_directory() as folder:
-                train_classifier(config, data, resume_from=Path(folder), **training)
+        with tempfile.TemporaryDirectory(prefix="tagifai-resume-") as download:
+            train_classifier(
+                config,
+                data,
+                num_epochs=num_epochs,
+                batch_size=batch_size,
+                report=report,
+                seed=seed,
+                resume_from=store.local_checkpoint(checkpoint, Path(download)) if checkpoint else None,
+                device=device,
+                precision=precision,
+                trainable_layers=trainable_layers,
+            )
     finally:
         # Free the model now, in this thread, and give the memory back before the next trial. Left
         # to the garbage collector (closures form cycles), the tensors may be freed while Ray tears
         # the worker down: once in ~7 runs a torch destructor then aborted in a thread the exiting
-        # interpreter had stopped, printing a C++ stack trace (results unaffected). Not reproduced
-        # since, with or without this line, so its effect on that is unproven.
+        # interpreter had stopped, printing a C++ stack trace (results unaffected).
         release_freed_memory()

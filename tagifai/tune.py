@@ -29,11 +29,13 @@ from tagifai.errors import ResourceError
 from tagifai.settings import TuneSettings
 from tagifai.train import TokenizedData
 from tagifai.trial import run_trial
+from tagifai.trial_store import TrialRecord, TrialStore, checkpoint_epoch
 
 logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_loss", "min"
 COMPLETE_MARKER = "tuning_complete.json"
+SNAPSHOT_PERIOD_S = 2
 
 
 def param_space() -> dict:
@@ -42,15 +44,22 @@ def param_space() -> dict:
 
 
 class TrialTracker(tune.Callback):
-    """One MLflow run per trial attempt: parameters at start, metrics per epoch, final status."""
+    """One MLflow run per trial attempt: parameters at start, metrics per epoch, final status.
 
-    def __init__(self, tracking_uri: str, experiment_id: str, session: str):
+    At each start it reads the trial's own record (tagifai/trial_store.py): epochs recorded but
+    never logged (the flow died in between) are logged first, and a trial the record calls
+    finished gets no new run: its restart only reports the last epoch again.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, session: str, experiment_uri: str):
         self.tracking_uri, self.experiment_id, self.session = tracking_uri, experiment_id, session
+        self.experiment_uri = experiment_uri
         self._client: Optional[MlflowClient] = None
         self._runs: dict[str, str] = {}
+        self._replayed: set[str] = set()
 
     def __getstate__(self):  # Ray pickles callbacks into its experiment state; clients do not pickle
-        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "session": self.session}
+        return {k: getattr(self, k) for k in ("tracking_uri", "experiment_id", "session", "experiment_uri")}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -62,17 +71,28 @@ class TrialTracker(tune.Callback):
         return self._client
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._runs[trial.trial_id] = tracking.start_trial_run(
-            self.client, self.experiment_id, self.session, trial.trial_id, trial.config
+        trial_id = trial.trial_id
+        record = TrialStore(self.experiment_uri, trial_id).read()
+        if record is not None:
+            earlier = tracking.find_runs(self.client, self.experiment_id, self.session, trial_id)
+            kept = [m for m in record.epochs if record.finished or m["epoch"] <= record.last_checkpoint_epoch]
+            tracking.backfill_epochs(self.client, earlier, kept)
+            if record.finished and earlier:
+                self._replayed.add(trial_id)
+                tracking.with_retries(lambda: self.client.set_terminated(earlier[0].info.run_id, status="FINISHED"))
+                return
+        resumed_from = record.last_checkpoint_epoch if record is not None else 0
+        self._runs[trial_id] = tracking.start_trial_run(
+            self.client, self.experiment_id, self.session, trial_id, trial.config, resumed_from
         )
 
     on_trial_restore = on_trial_start
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._runs.get(trial.trial_id)
-        if run_id is not None:
-            keys = ("lr", "train_loss", "val_loss", "val_f1", "epoch_time_s")
-            tracking.log_epoch(self.client, run_id, {k: result[k] for k in keys if k in result}, result["epoch"])
+        if run_id is not None and not result.get("replayed"):
+            metrics = {k: result[k] for k in tracking.EPOCH_METRICS if k in result}
+            tracking.log_epoch(self.client, run_id, metrics, result["epoch"])
 
     def _end(self, trial, status: str) -> None:
         run_id = self._runs.pop(trial.trial_id, None)
@@ -142,10 +162,11 @@ def claim_experiment_dir(storage: Path, settings: TuneSettings, data_fingerprint
             return
 
 
-def _trainable(data: TokenizedData, settings: TuneSettings):
+def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str):
     trainable = tune.with_parameters(
         run_trial,
         data=data,
+        experiment_uri=experiment_uri,
         num_epochs=settings.num_epochs,
         batch_size=settings.batch_size,
         seed=settings.seed,
@@ -158,8 +179,9 @@ def _trainable(data: TokenizedData, settings: TuneSettings):
 def build_tuner(
     data: TokenizedData, settings: TuneSettings, path: Path, tracker: TrialTracker, resume: bool
 ) -> tune.Tuner:
-    if resume:  # finished trials stay finished; unfinished and errored ones continue from checkpoints
-        return tune.Tuner.restore(str(path), _trainable(data, settings), resume_unfinished=True, resume_errored=True)
+    trainable = _trainable(data, settings, str(path))
+    if resume:  # finished trials stay finished; unfinished and errored ones continue from their records
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     search = HyperOptSearch(
         points_to_evaluate=settings.initial_params, metric=METRIC, mode=MODE, random_state_seed=settings.seed
     )
@@ -167,7 +189,7 @@ def build_tuner(
         time_attr="epoch", max_t=settings.num_epochs, grace_period=settings.grace_period
     )
     return tune.Tuner(
-        _trainable(data, settings),
+        trainable,
         param_space=param_space(),
         tune_config=tune.TuneConfig(
             metric=METRIC,
@@ -183,33 +205,37 @@ def build_tuner(
             name=path.name,
             storage_path=str(path.parent),
             callbacks=[tracker],
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
-            ),
+            # No checkpoints are handed to Tune: each trial keeps its own record (tagifai/trial_store.py).
             failure_config=tune.FailureConfig(max_failures=2),
             verbose=1,
         ),
     )
 
 
-def summarize_results(results, num_epochs: int) -> list[dict]:
-    """One row per trial: its best val_loss, epochs run, status and best checkpoint folder."""
+def trial_id_of(result) -> str:
+    """A result's trial id; a trial that never reported has only its folder name to go by."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
+
+
+def summarize_trials(results, experiment_uri: str) -> list[dict]:
+    """One row per trial, from its own record: val_loss and F1 of its best checkpoint, epochs run,
+    status, and the checkpoint as a local folder."""
     rows = []
     for result in results:
-        history = result.metrics_dataframe
-        has_history = history is not None and METRIC in history
-        best = result.get_best_checkpoint(METRIC, MODE) if has_history else None
-        epochs = int(history["epoch"].max()) if has_history else 0
-        status = "error" if result.error else ("completed" if epochs >= num_epochs else "pruned")
+        trial_id = trial_id_of(result)
+        store = TrialStore(experiment_uri, trial_id)
+        record = store.read() or TrialRecord()
+        checkpoint = store.checkpoint_to_use(record)
+        best = record.metrics_of(checkpoint_epoch(checkpoint)) if checkpoint else None
         rows.append(
             {
-                "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+                "trial_id": trial_id,
                 "params": {k: float(v) for k, v in result.config.items()},
-                "val_loss": float(history[METRIC].min()) if has_history else None,
-                "val_f1": float(history.loc[history[METRIC].idxmin(), "val_f1"]) if has_history else None,
-                "epochs": epochs,
-                "status": status,
-                "checkpoint_dir": best.path if best is not None else None,
+                "val_loss": best["val_loss"] if best else None,
+                "val_f1": best["val_f1"] if best else None,
+                "epochs": record.epochs[-1]["epoch"] if record.epochs else 0,
+                "status": "completed" if record.finished else ("error" if result.error else "pruned"),
+                "checkpoint_dir": str(store.local_checkpoint(checkpoint)) if best else None,
             }
         )
     return rows
@@ -225,24 +251,27 @@ def tune_hyperparameters(
     client = MlflowClient(tracking_uri)
     with claim_experiment_dir(Path(settings.storage_path).resolve(), settings, data_fingerprint) as path:
         resumed = tune.Tuner.can_restore(str(path))
-        # Keeping one checkpoint per trial makes Tune snapshot its state after every improving
-        # epoch and warn that this "may become a bottleneck"; into a local folder it is a small
-        # file copy (the benchmark finds < 0.1 s of Tune bookkeeping per study): only noise.
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Tune snapshots its experiment state (which trials exist) every >= 10 s by default. A trial
+        # started after the last snapshot is unknown to a resumed experiment, which starts a new one
+        # in its place and wastes the work done. Every 2 s costs a few kB written per snapshot.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_PERIOD_S))
         started_ray = connect_ray(settings)
         try:
             check_resources(settings)
-            tracker = TrialTracker(tracking_uri, experiment_id, session=path.name)
+            tracker = TrialTracker(tracking_uri, experiment_id, session=path.name, experiment_uri=str(path))
             results = build_tuner(data, settings, path, tracker, resume=resumed).fit()
         finally:
             tracking.close_session_runs(client, experiment_id, path.name)
             if started_ray:
                 ray.shutdown()
 
-        rows = summarize_results(results, settings.num_epochs)
+        rows = summarize_trials(results, str(path))
+        known = {row["trial_id"] for row in rows}
+        tracking.tag_orphaned_runs(client, experiment_id, path.name, known)
         for row in rows:
             runs = tracking.find_runs(client, experiment_id, path.name, row["trial_id"])
             row["run_id"] = runs[0].info.run_id if runs else None
+            row["attempts"] = len(runs)
             if row["run_id"] and row["checkpoint_dir"]:
                 tracking.log_checkpoint(client, row["run_id"], Path(row["checkpoint_dir"]))
                 tracking.log_epoch(client, row["run_id"], {"best_val_loss": row["val_loss"]}, row["epochs"])

@@ -1,0 +1,104 @@
+"""Chaos: the tuning flow is SIGKILLed at random moments, five times in a row, then let finish.
+
+Each kill takes down the flow's whole process group at once (the driver, its temporary Prefect
+server and its local Ray), as a crash of the machine or the container would. The moment is
+random: a uniform delay after this run's trials have recorded their first epoch (so that kills
+land while trials train, report and write checkpoints, not while Ray starts), drawn from a seeded
+generator whose seed is printed; TAGIFAI_CHAOS_SEED=<seed> replays a failing sequence.
+
+What must hold after the final run: every trial appears exactly once, none in error; a trial that
+finished keeps all its epochs in MLflow (across its attempts, each attempt one run, resumed ones
+tagged); no run is left RUNNING; the summary's best run has a checkpoint that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_faults import flow_command, runs_by_trial, start_flow
+
+from tagifai import tracking
+
+pytestmark = pytest.mark.integration
+
+KILLS, NUM_RUNS, NUM_EPOCHS = 5, 4, 4
+MAX_DELAY_S = 4.0
+
+
+def wait_for_a_recorded_epoch(storage: Path, since: float, process, timeout_s: float) -> bool:
+    """True once a trial record under `storage` was written after `since` (a trial of this run trained)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(path.stat().st_mtime > since for path in storage.glob("*/trial_records/*/record.json")):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_flow_survives_sigkills_at_random_moments(tmp_path, tiny_backbone):
+    seed = int(os.environ.get("TAGIFAI_CHAOS_SEED", random.randrange(1 << 30)))
+    print(f"TAGIFAI_CHAOS_SEED={seed}")
+    rng = random.Random(seed)
+    (tmp_path / "mlruns").mkdir()
+    command = flow_command(
+        tmp_path, tiny_backbone, "--experiment-name", "chaos", "--num-runs", str(NUM_RUNS),
+        "--num-epochs", str(NUM_EPOCHS), "--grace-period", str(NUM_EPOCHS), "--batch-size", "4",
+        "--results-fp", str(tmp_path / "out.json"),
+    )  # fmt: skip
+    kills = []
+    for attempt in range(KILLS):
+        log = tmp_path / f"run{attempt}.log"
+        started = time.time()
+        flow = start_flow(command, log)
+        try:
+            trained = wait_for_a_recorded_epoch(tmp_path / "ray_results", started, flow, 300)
+            assert trained, f"no trial trained (seed {seed}):\n{log.read_text()[-3000:]}"
+            delay = rng.uniform(0, MAX_DELAY_S)
+            time.sleep(delay)
+            assert flow.poll() is None, f"the flow ended before kill {attempt} (seed {seed}); lower MAX_DELAY_S"
+        finally:
+            if flow.poll() is None:
+                os.killpg(flow.pid, signal.SIGKILL)
+            flow.wait()
+        kills.append(round(delay, 2))
+    print(f"killed {len(kills)} times, {kills} s after a trial of the run recorded an epoch")
+
+    final_log = tmp_path / "final.log"
+    final = start_flow(command, final_log)
+    assert final.wait(timeout=600) == 0, f"(seed {seed})\n" + final_log.read_text()[-4000:]
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert summary["resumed"] is True
+
+    trial_ids = [t["trial_id"] for t in summary["trials"]]
+    assert len(trial_ids) == NUM_RUNS == len(set(trial_ids)), (seed, trial_ids)
+    assert {t["status"] for t in summary["trials"]} <= {"completed", "pruned"}, (seed, summary["trials"])
+    assert "Could not recover from checkpoint" not in final_log.read_text()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    grouped = runs_by_trial(client, "chaos")
+    statuses = {run.info.status for attempts in grouped.values() for run in attempts}
+    assert "RUNNING" not in statuses, (seed, statuses)
+    for trial in summary["trials"]:
+        attempts = grouped[trial["trial_id"]]
+        assert trial["attempts"] == len(attempts)
+        assert [int(run.data.tags[tracking.TAG_ATTEMPT]) for run in attempts] == list(range(1, len(attempts) + 1))
+        assert trial["run_id"] == attempts[-1].info.run_id
+        epochs = sorted({m.step for run in attempts for m in client.get_metric_history(run.info.run_id, "val_loss")})
+        if trial["status"] == "completed":
+            assert epochs == list(range(1, NUM_EPOCHS + 1)), (seed, trial["trial_id"], epochs)
+        assert trial["epochs"] == max(epochs), (seed, trial)
+        for run in attempts[1:]:  # a later attempt says where it continued from
+            assert int(run.data.tags[tracking.TAG_RESUMED_FROM]) >= 0
+
+    best = client.get_run(summary["run_id"])
+    assert {a.path.split("/")[-1] for a in client.list_artifacts(best.info.run_id, "checkpoint")} >= {
+        "model.safetensors",
+        "classifier.json",
+    }
