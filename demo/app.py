@@ -1,11 +1,12 @@
-"""The Gradio demo: one tuned checkpoint from MLflow, single and CSV predictions, and where it came from.
+"""The Gradio demo: the champion model from MLflow, single and CSV predictions, and where it came from.
 
     python -m demo.app [--run-id RUN] [--experiment-name tagifai] [--model-name tagifai]
-                       [--tracking-uri URI] [--host 127.0.0.1] [--port 7860] [--threads N]
+                       [--tracking-uri URI] [--reload-interval 60] [--host 127.0.0.1] [--port 7860]
 
-The model is loaded once at start: the run given by --run-id, else the registered model's
-`champion` alias, else the experiment's best run; so are its tuning session's trials, shown in the
-Experiment tab. The page works offline (system fonts, no CDN).
+Serves the run given by --run-id (never reloaded), else the registered model's `champion` alias
+(checked every --reload-interval seconds; a new champion is loaded in the background and swapped in
+without failing a request), else the experiment's best run. The Experiment tab shows the served
+run's tuning session. The page works offline (system fonts, no CDN).
 """
 
 from __future__ import annotations
@@ -14,26 +15,27 @@ import argparse
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+import time
 from pathlib import Path
 from typing import Optional
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 import torch
 
-from demo.experiment import Experiment, experiment_tab, load_experiment
-from tagifai import tracking
+from demo.experiment import experiment_tab
+from demo.serving import ModelHolder, holder_for
 from tagifai.data import TEXT_COLUMNS, parse_table
-from tagifai.errors import DataError, TrackingError, UserError
+from tagifai.errors import DataError, UserError
 from tagifai.predict import Predictor
 from tagifai.settings import DEFAULT_EXPERIMENT_NAME, DEFAULT_MODEL_NAME
 
-TRAIN_COMMAND = "python -m flows.tune"
 MAX_FIELD_CHARS = 5_000  # far beyond the tokenizer's max_length; keeps huge pastes cheap
 MAX_UPLOAD_SIZE = "5mb"
 MAX_CSV_ROWS = 20_000
+MAX_SCORING_S = 300  # a file whose estimated scoring time is longer is refused up front
+SCORING_CHUNK_ROWS = 256  # progress is reported after each chunk
 SANS_FONTS = ["Segoe UI", "Roboto", "Helvetica Neue", "Arial", "DejaVu Sans", "sans-serif"]
 MONO_FONTS = ["SFMono-Regular", "Menlo", "Consolas", "DejaVu Sans Mono", "monospace"]
 
@@ -56,106 +58,6 @@ EXAMPLES = [
         "Interactive notebooks that animate optimisers on toy loss surfaces to build intuition for learning rates.",
     ],
 ]
-
-
-@dataclass
-class Provenance:
-    """What the page says about the served model, so a prediction can be traced to its run."""
-
-    run_id: str
-    experiment_name: str
-    chosen_by: str
-    backbone: str
-    hyperparameters: dict = field(default_factory=dict)
-    epoch: Optional[int] = None
-    val_loss: Optional[float] = None
-    val_f1: Optional[float] = None
-    test_f1: Optional[float] = None
-    trained_at: str = "unknown"
-
-    def to_markdown(self) -> str:
-        def number(value: Optional[float]) -> str:
-            return "not recorded" if value is None else f"{value:.4f}"
-
-        params = ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.hyperparameters.items())) or "not recorded"
-        rows = [
-            ("MLflow run", f"`{self.run_id}`"),
-            ("Experiment", self.experiment_name),
-            ("Chosen as", self.chosen_by),
-            ("Backbone", f"`{self.backbone}`"),
-            ("Hyperparameters", params),
-            ("Best epoch", "not recorded" if self.epoch is None else str(self.epoch)),
-            ("Validation loss", number(self.val_loss)),
-            ("Validation F1", number(self.val_f1)),
-            ("Test F1", number(self.test_f1)),
-            ("Trained", self.trained_at),
-        ]
-        return "\n".join(f"- **{name}**: {value}" for name, value in rows)
-
-
-def existing_store_uri(tracking_uri: Optional[str]) -> str:
-    """The URI to serve from, as training resolves it, but never created: an empty store has no model."""
-    uri = tracking.configured_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.exists():
-            command = TRAIN_COMMAND + (f" --tracking-uri {uri}" if tracking_uri else "")
-            raise TrackingError(
-                f"no MLflow store at {path}: no model has been trained there yet. Train one first: {command}"
-            )
-    return uri
-
-
-def choose_run(client, run_id: Optional[str], experiment_name: str, model_name: str) -> tuple[str, str]:
-    """The run to serve and why it was chosen: explicit id, then the champion alias, then the best run."""
-    if run_id:
-        return run_id, "--run-id"
-    champion = tracking.champion_run_id(client, model_name)
-    if champion:
-        return champion, f"registered model {model_name!r}, alias {tracking.CHAMPION_ALIAS!r}"
-    return tracking.best_run_id(client, experiment_name), f"lowest validation loss in experiment {experiment_name!r}"
-
-
-def describe_run(client, run, args: dict, chosen_by: str) -> Provenance:
-    metrics = run.data.metrics
-    experiment = client.get_experiment(run.info.experiment_id)
-    started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc) if run.info.start_time else None
-    return Provenance(
-        run_id=run.info.run_id,
-        experiment_name=experiment.name if experiment else run.info.experiment_id,
-        chosen_by=chosen_by,
-        backbone=str(args.get("backbone", "unknown")),
-        hyperparameters=dict(args.get("hyperparameters") or {}),
-        epoch=args.get("epoch"),
-        val_loss=metrics.get("best_val_loss", args.get("val_loss")),
-        val_f1=args.get("val_f1"),
-        test_f1=metrics.get("test_f1"),
-        trained_at=started.strftime("%Y-%m-%d %H:%M UTC") if started else "unknown",
-    )
-
-
-def load_model(
-    tracking_uri: str,
-    run_id: Optional[str] = None,
-    experiment_name: str = DEFAULT_EXPERIMENT_NAME,
-    model_name: str = DEFAULT_MODEL_NAME,
-) -> tuple[Predictor, Provenance]:
-    """The predictor of the chosen run (held in memory) and its provenance."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    run_id, chosen_by = choose_run(client, run_id, experiment_name, model_name)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise TrackingError(
-            f"MLflow run {run_id!r} does not exist in {tracking_uri}; check the id "
-            "(mlflow ui lists the runs) or leave out --run-id to serve the best run"
-        ) from None
-    with tempfile.TemporaryDirectory(prefix="tagifai-demo-") as folder:
-        predictor = Predictor(tracking.download_checkpoint(client, run_id, Path(folder)))
-    return predictor, describe_run(client, run, predictor.args, chosen_by)
 
 
 def clip(text: Optional[str]) -> str:
@@ -195,19 +97,35 @@ def read_upload(path: str) -> pd.DataFrame:
     return frame
 
 
-def score_frame(predictor: Predictor, frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """The rows with `prediction` and one probability column per tag; rows without text stay blank."""
+def rows_per_second(predictor: Predictor) -> float:
+    """Scoring speed measured on the examples (a warm-up, then a timed batch of 64 rows)."""
+    titles, descriptions = [t for t, _ in EXAMPLES] * 16, [d for _, d in EXAMPLES] * 16
+    predictor.predict_proba(titles[:8], descriptions[:8])
+    started = time.perf_counter()
+    predictor.predict_proba(titles, descriptions)
+    return len(titles) / max(time.perf_counter() - started, 1e-6)
+
+
+def score_frame(predictor: Predictor, frame: pd.DataFrame, on_progress=None) -> tuple[pd.DataFrame, int]:
+    """The rows with `prediction` and one probability column per tag; rows without text stay blank.
+    Scored in chunks; `on_progress(done, total)` after each."""
     frame = frame.reset_index(drop=True)
     titles = [clip(value) for value in frame["title"].fillna("").astype(str)]
     descriptions = [clip(value) for value in frame["description"].fillna("").astype(str)]
-    has_text = [bool(t or d) for t, d in zip(titles, descriptions)]
+    rows = [i for i, (t, d) in enumerate(zip(titles, descriptions)) if t or d]
+    probabilities = np.zeros((len(rows), len(predictor.classes)))
+    for start in range(0, len(rows), SCORING_CHUNK_ROWS):
+        chunk = rows[start : start + SCORING_CHUNK_ROWS]
+        probabilities[start : start + len(chunk)] = predictor.predict_proba(
+            [titles[i] for i in chunk], [descriptions[i] for i in chunk]
+        )
+        if on_progress:
+            on_progress(start + len(chunk), len(rows))
     scored = frame.copy()
     scored["prediction"] = ""
     for tag in predictor.classes:
         scored[f"probability_{tag}"] = float("nan")
-    rows = [i for i, keep in enumerate(has_text) if keep]
     if rows:
-        probabilities = predictor.predict_proba([titles[i] for i in rows], [descriptions[i] for i in rows])
         scored.loc[rows, "prediction"] = [predictor.classes[k] for k in probabilities.argmax(axis=1)]
         for column, tag in enumerate(predictor.classes):
             scored.loc[rows, f"probability_{tag}"] = probabilities[:, column]
@@ -224,32 +142,54 @@ def launch_options() -> dict:
     return {"theme": offline_theme(), "max_file_size": MAX_UPLOAD_SIZE, "share": False}
 
 
-def build_app(predictor: Predictor, provenance: Provenance, experiment: Optional[Experiment] = None) -> gr.Blocks:
-    """The page; `predict` (title, description → tag probabilities) is also the named API endpoint.
-
-    `experiment` (from `load_experiment`, read once at start) fills the Experiment tab."""
+def build_app(holder: ModelHolder, max_scoring_s: float = MAX_SCORING_S) -> gr.Blocks:
+    """The page. Named API endpoints: `predict` (title, description -> tag probabilities),
+    `score_csv` (a CSV file -> the scored CSV) and `model_info` (what is served)."""
     output_dir = Path(tempfile.mkdtemp(prefix="tagifai-scored-"))
+    speed = {"version": None, "rows_per_s": None}
 
     def predict(title: str, description: str) -> dict[str, float]:
         """Probability of every tag for one project (title and/or description)."""
-        return probabilities_by_tag(predictor, title, description)
+        return probabilities_by_tag(holder.current.predictor, title, description)
 
-    def score_csv(csv_path: Optional[str]) -> str:
+    def score_csv(csv_path: Optional[str], progress=gr.Progress()) -> str:
         """A CSV of projects (title, description) scored: the same rows plus prediction and probabilities."""
         if not csv_path:
             raise gr.Error("Upload a CSV file with title and description columns first.", print_exception=False)
-        scored, blank = score_frame(predictor, read_upload(csv_path))
+        served = holder.current  # one model for the whole file, even if the champion moves meanwhile
+        frame = read_upload(csv_path)
+        if speed["version"] != served.loaded_at:
+            speed.update(version=served.loaded_at, rows_per_s=rows_per_second(served.predictor))
+        estimate_s = len(frame) / speed["rows_per_s"]
+        if estimate_s > max_scoring_s:
+            raise gr.Error(
+                f"{Path(csv_path).name} has {len(frame)} rows, about {estimate_s:.0f} s of scoring here; the limit "
+                f"is {max_scoring_s:.0f} s. Split it into smaller files.",
+                print_exception=False,
+            )
+        progress((0, len(frame)), desc="Scoring", unit="rows")
+        scored, blank = score_frame(
+            served.predictor, frame, lambda done, total: progress((done, total), desc="Scoring", unit="rows")
+        )
         if blank:
             gr.Warning(f"{blank} row(s) have neither title nor description; their prediction is left empty.")
         destination = output_dir / f"{Path(csv_path).stem}-predictions.csv"
         scored.to_csv(destination, index=False, float_format="%.6f")
         return str(destination)
 
+    def model_info() -> dict:
+        """The served model: run_id, model_name, version, alias, loaded_at."""
+        return holder.current.info()
+
+    timer = gr.Timer(holder.interval_s) if holder.follows else None
     with gr.Blocks(title="tagifai demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
-            "# tagifai\nPredict the tag of a machine-learning project from its title and description: "
-            + ", ".join(f"`{tag}`" for tag in predictor.classes)
-            + "."
+            lambda: (
+                "# tagifai\nPredict the tag of a machine-learning project from its title and description: "
+                + ", ".join(f"`{tag}`" for tag in holder.current.predictor.classes)
+                + "."
+            ),
+            every=timer,
         )
         with gr.Tabs():
             with gr.Tab("Predict", id="predict"):
@@ -262,10 +202,14 @@ def build_app(predictor: Predictor, provenance: Provenance, experiment: Optional
                         predict_button = gr.Button("Predict tag", variant="primary", elem_id="predict-button")
                     with gr.Column():
                         label = gr.Label(
-                            label="Predicted tag", num_top_classes=len(predictor.classes), elem_id="prediction"
+                            label="Predicted tag",
+                            num_top_classes=len(holder.current.predictor.classes),
+                            elem_id="prediction",
                         )
                         with gr.Accordion("Model provenance", open=True):
-                            gr.Markdown(provenance.to_markdown(), elem_id="provenance")
+                            gr.Markdown(
+                                lambda: holder.current.provenance.to_markdown(), every=timer, elem_id="provenance"
+                            )
                 gr.Examples(
                     EXAMPLES,
                     inputs=[title, description],
@@ -276,22 +220,23 @@ def build_app(predictor: Predictor, provenance: Provenance, experiment: Optional
                 )
                 with gr.Accordion("Score a CSV file", open=False):
                     gr.Markdown(
-                        f"Upload a CSV with `title` and `description` columns "
-                        f"(up to {MAX_CSV_ROWS} rows, {MAX_UPLOAD_SIZE}); "
-                        "download the same rows with `prediction` and one `probability_<tag>` column per tag."
+                        f"Upload a CSV with `title` and `description` columns (up to {MAX_CSV_ROWS} rows, "
+                        f"{MAX_UPLOAD_SIZE}, about {max_scoring_s:.0f} s of scoring); download the same rows "
+                        "with `prediction` and one `probability_<tag>` column per tag."
                     )
                     with gr.Row():
                         upload = gr.File(
                             label="CSV to score", file_types=[".csv"], type="filepath", elem_id="csv-upload"
                         )
-                        scored_file = gr.File(label="Scored CSV", interactive=False, elem_id="csv-scored")
+                        scored_file = gr.File(label="Scored CSV (download)", interactive=False, elem_id="csv-scored")
                     score_button = gr.Button("Score CSV", elem_id="score-button")
             with gr.Tab("Experiment", id="experiment"):
-                experiment_tab(experiment)
+                experiment_tab(lambda: holder.current.experiment, every=timer)
 
         predict_button.click(predict, [title, description], label, api_name="predict")
         title.submit(predict, [title, description], label, api_visibility="private")
         score_button.click(score_csv, upload, scored_file, api_name="score_csv")
+        gr.api(model_info, api_name="model_info")
     return demo
 
 
@@ -299,7 +244,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m demo.app", description="Serve the tuned tag classifier as a web demo."
     )
-    parser.add_argument("--run-id", help="MLflow run to serve (default: the champion model, else the best run)")
+    parser.add_argument(
+        "--run-id", help="MLflow run to serve, never reloaded (default: the champion, else the best run)"
+    )
     parser.add_argument(
         "--experiment-name",
         default=DEFAULT_EXPERIMENT_NAME,
@@ -312,6 +259,18 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
     parser.add_argument(
+        "--reload-interval",
+        type=float,
+        default=60,
+        help="seconds between checks of the champion alias; a new champion is loaded in the background (0: off)",
+    )
+    parser.add_argument(
+        "--max-scoring-seconds",
+        type=float,
+        default=MAX_SCORING_S,
+        help=f"refuse CSV files whose estimated scoring time is longer (default: {MAX_SCORING_S})",
+    )
+    parser.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to listen on; 0.0.0.0 exposes it to the network (default: 127.0.0.1)",
@@ -323,7 +282,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         default=None,
         help="torch threads per prediction; 1 keeps latency steady on a busy shared machine (default: torch's choice)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.reload_interval < 0 or args.max_scoring_seconds <= 0:
+        parser.error("--reload-interval must be >= 0 and --max-scoring-seconds > 0")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -333,20 +295,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        from demo.serving import existing_store_uri
+        from tagifai import tracking
+
         tracking_uri = existing_store_uri(args.tracking_uri)
         tracking.check_reachable(tracking_uri)
-        predictor, provenance = load_model(tracking_uri, args.run_id, args.experiment_name, args.model_name)
+        holder = holder_for(tracking_uri, args.run_id, args.experiment_name, args.model_name, args.reload_interval)
     except UserError as error:
         sys.exit(f"error: {error}")
-    print(f"serving run {provenance.run_id} ({provenance.chosen_by}) from {tracking_uri}")
-    experiment = load_experiment(tracking_uri, provenance.run_id)
+    provenance = holder.current.provenance
+    following = f"; following the champion every {args.reload_interval:g} s" if holder.follows else ""
+    print(f"serving run {provenance.run_id} ({provenance.chosen_by}) from {tracking_uri}{following}")
+    holder.start()
     try:
-        build_app(predictor, provenance, experiment).launch(
+        build_app(holder, args.max_scoring_seconds).launch(
             server_name=args.host, server_port=args.port, **launch_options()
         )
     except OSError as error:  # port taken, or an address this machine does not have
         reason = str(error).split(". ")[0]
         sys.exit(f"error: cannot serve on {args.host}:{args.port} ({reason}); pass a free --port or another --host")
+    finally:
+        holder.stop()
 
 
 if __name__ == "__main__":

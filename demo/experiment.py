@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -152,40 +153,49 @@ def load_experiment(tracking_uri: str, served_run_id: str, folder: Optional[Path
         )
 
 
-def experiment_tab(experiment: Optional[Experiment]) -> None:
-    """The tab's components, inside the caller's `gr.Tab`."""
+def trials_table(experiment: Optional[Experiment]) -> pd.DataFrame:
+    """The table as shown: numbers to 4 significant digits."""
     if experiment is None:
-        gr.Markdown("No tuning data was loaded for this model.", elem_id="experiment-note")
-        return
+        return pd.DataFrame(columns=COLUMNS)
     table = experiment.trials.copy()
     for column in NUMBER_COLUMNS - {"attempts", "epochs"}:
         table[column] = table[column].map(lambda v: None if v is None or pd.isna(v) else float(f"{v:.4g}"))
-    gr.Markdown(experiment.note, elem_id="experiment-note")
+    return table
+
+
+def experiment_tab(current: Callable[[], Optional[Experiment]], every=None) -> None:
+    """The tab's components, inside the caller's `gr.Tab`. Each reads `current()` when the page
+    loads and, with `every` (a gr.Timer), again on each tick, so the tab follows a new champion."""
+
+    def note() -> str:
+        experiment = current()
+        return experiment.note if experiment else "No tuning data was loaded for this model."
+
+    def plot(name: str):
+        experiment = current()
+        path = getattr(experiment, name, None) if experiment else None
+        return str(path) if path else None
+
+    gr.Markdown(note, every=every, elem_id="experiment-note")
     gr.Dataframe(
-        table,
+        lambda: trials_table(current()),
+        every=every,
         label="Trials (sort or filter from a column header's ⋮ menu)",
-        datatype=["number" if column in NUMBER_COLUMNS else "str" for column in table.columns],
+        datatype=["number" if column in NUMBER_COLUMNS else "str" for column in COLUMNS],
         interactive=False,
         elem_id="trials-table",
     )
     with gr.Row():
-        for path, label, elem_id in (
-            (
-                experiment.parallel_coordinates,
-                "Parallel coordinates: hyperparameters -> val_loss",
-                "parallel-coordinates",
-            ),
-            (experiment.learning_curves, "Learning curves", "learning-curves"),
+        for name, label, elem_id in (
+            ("parallel_coordinates", "Parallel coordinates: hyperparameters -> val_loss", "parallel-coordinates"),
+            ("learning_curves", "Learning curves (no trial has the data to draw them when empty)", "learning-curves"),
         ):
-            if path is None:
-                gr.Markdown(f"*{label}: no trial has the data to draw it.*")
-            else:
-                gr.Image(
-                    str(path),
-                    type="filepath",
-                    label=label,
-                    show_label=False,
-                    interactive=False,
-                    buttons=["download", "fullscreen"],
-                    elem_id=elem_id,
-                )
+            gr.Image(
+                lambda name=name: plot(name),
+                every=every,
+                type="filepath",
+                label=label,
+                interactive=False,
+                buttons=["download", "fullscreen"],
+                elem_id=elem_id,
+            )

@@ -95,9 +95,10 @@ def command_line_run():
 
 
 @contextlib.contextmanager
-def exit_on_user_error():
-    """A user error ends the command with `error: <message>` on stderr and exit code 1."""
+def exit_on_user_error(code: int = 1):
+    """A user error ends the command with `error: <message>` on stderr and exit `code`."""
     try:
         yield
     except UserError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(code)

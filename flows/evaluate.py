@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.cli import command_line_run, parse_settings
 from tagifai import tracking
+from tagifai.behavioural import load_checks, run_checks, summary_line
 from tagifai.evaluate import evaluate_frame
 from tagifai.predict import load_run_predictor
 from tagifai.settings import EvaluateSettings
@@ -21,18 +22,22 @@ from tasks.load import load_data
 
 @flow(name="evaluate-classifier")
 def evaluate_classifier(settings: EvaluateSettings) -> dict:
-    """Weighted and per-class precision, recall and F1 of a run's checkpoint on a labelled dataset."""
+    """Weighted and per-class precision, recall and F1 of a run's checkpoint on a labelled dataset,
+    and its behavioural checks."""
     logger = get_run_logger()
     tracking_uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tracking.check_reachable(tracking_uri)
+    checks = load_checks(settings.behavioural_checks)
     data = load_data(settings.dataset_loc)
     predictor, run_id = load_run_predictor(tracking_uri, settings.run_id)
     metrics = evaluate_frame(predictor, data.frame)
-    result = {"run_id": run_id, "dataset_loc": data.source, "test": metrics}
+    behavioural = run_checks(predictor, checks)
+    result = {"run_id": run_id, "dataset_loc": data.source, "test": metrics, "behavioural": behavioural}
     if settings.results_fp:
         Path(settings.results_fp).parent.mkdir(parents=True, exist_ok=True)
         Path(settings.results_fp).write_text(json.dumps(result, indent=2))
     logger.info("run %s on %s: F1 %.3f over %d rows", run_id, data.source, metrics["f1"], metrics["num_samples"])
+    logger.info("behavioural checks: %s", summary_line(behavioural))
     return result
 
 

@@ -1,9 +1,10 @@
-"""The tuning flow: load → split → tokenize → tune → evaluate → register.
+"""The tuning flow: load → split → tokenize → tune → evaluate → register → promote.
 
     python -m flows.tune --help
 
 Load, split and tokenize are cached across runs (tasks/load.py, split.py, tokenize.py say on
-what); the tune task retries by resuming its Ray Tune experiment from storage.
+what); the tune task retries by resuming its Ray Tune experiment from storage; the promotion gate
+decides whether the new model replaces the champion (tasks/promote.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
 from flows.cli import command_line_run, parse_settings
-from tagifai import tracking
+from tagifai import registry, tracking
+from tagifai.behavioural import load_checks
 from tagifai.model import check_backbone
-from tagifai.settings import TuneSettings
+from tagifai.promotion import GateRules
+from tagifai.settings import TuneSettings, training_fingerprint
 from tasks.cache import key
-from tasks.evaluate import evaluate_checkpoint, log_evaluation
+from tasks.evaluate import evaluate_challenger, log_evaluation
 from tasks.load import load_data
+from tasks.promote import promote_if_better
 from tasks.register import publish_best_run, register_best
 from tasks.split import split_data
 from tasks.tokenize import tokenize_data
@@ -34,41 +38,72 @@ def run_cached(task, settings: TuneSettings, *args):
     return state.result(), state.name == "Cached"
 
 
+def starting_from_champion(settings: TuneSettings, client: MlflowClient, champion) -> TuneSettings:
+    """The settings with the champion's hyperparameters added to the search's initial points (after
+    the configured ones), so that a re-tune never starts from scratch."""
+    point = registry.hyperparameters_of(client, champion) if champion else None
+    if point is None or point in settings.initial_params:
+        return settings
+    return settings.model_copy(update={"initial_params": [*settings.initial_params, point]})
+
+
+def write_results(settings: TuneSettings, summary: dict) -> None:
+    if settings.results_fp:
+        Path(settings.results_fp).parent.mkdir(parents=True, exist_ok=True)
+        Path(settings.results_fp).write_text(json.dumps(summary, indent=2))
+
+
 @flow(name="tune-classifier", log_prints=True)
 def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
-    """Tune a transformer text classifier with Ray Tune, track it in MLflow, evaluate the best."""
+    """Tune a transformer text classifier with Ray Tune, track it in MLflow, evaluate the best, and
+    promote it to champion if it beats the current one."""
     logger = get_run_logger()
     tracking_uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tracking.check_reachable(tracking_uri)
     check_backbone(settings.model, settings.trainable_layers)
+    load_checks(settings.behavioural_checks)  # a bad checks file stops the run now, not after tuning
+    client = MlflowClient(tracking_uri)
 
     cached = {}
     data, cached["load"] = run_cached(load_data, settings, settings.dataset_loc)
     holdout = load_data(settings.holdout_loc) if settings.holdout_loc else None
     data_key = key(data.fingerprint, holdout and holdout.fingerprint, settings.seed, settings.num_samples)
+    champion = registry.champion(client, settings.registered_model_name)
+    if (
+        settings.skip_if_unchanged
+        and champion
+        and registry.trained_on(champion)
+        == (
+            data_key,
+            training_fingerprint(settings),
+        )
+    ):
+        reason = f"champion version {champion.version} was trained on the same data with the same settings"
+        logger.info("skipped: %s; nothing to re-tune (drop --skip-if-unchanged to tune anyway)", reason)
+        summary = {"skipped": True, "reason": reason, "champion_version": champion.version, "cached": cached}
+        summary["data"] = {"source": data.source, "fingerprint": data_key, "rows": len(data.frame)}
+        write_results(settings, summary)
+        return summary
+
     splits, cached["split"] = run_cached(
         split_data, settings, data, holdout, data_key, settings.seed, settings.num_samples
     )
     logger.info(
         "data: %d train / %d validation / %d test rows, tags %s",
-        len(splits.train),
-        len(splits.val),
-        len(splits.test),
-        list(splits.class_to_index),
-    )
+        len(splits.train), len(splits.val), len(splits.test), list(splits.class_to_index),
+    )  # fmt: skip
     tokenized, cached["tokenize"] = run_cached(
         tokenize_data, settings, splits, data_key, settings.model, settings.max_length
     )
     logger.info("cached steps reused: %s", [name for name, hit in cached.items() if hit] or "none")
 
     # The store is written only once the inputs are known to be good: bad data leaves no trace.
-    experiment_id = tracking.get_or_create_experiment(
-        MlflowClient(tracking_uri), settings.experiment_name, tracking_uri
-    )
+    experiment_id = tracking.get_or_create_experiment(client, settings.experiment_name, tracking_uri)
     logger.info("MLflow: %s (experiment %r)", tracking_uri, settings.experiment_name)
 
+    study_settings = starting_from_champion(settings, client, champion)
     logger.info("tuning: %d trials x up to %d epochs", settings.num_runs, settings.num_epochs)
-    study = tune_study(tokenized, settings, tracking_uri, experiment_id, data_key)
+    study = tune_study(tokenized, study_settings, tracking_uri, experiment_id, data_key)
     if study["resumed"]:
         logger.info("resumed the interrupted Ray Tune experiment in %s", study["experiment_dir"])
     trials = study["trials"]
@@ -78,11 +113,20 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     best = min(finished, key=lambda t: t["val_loss"])
 
     logger.info("evaluating the best trial %s on %d test rows", best["trial_id"], len(splits.test))
-    test_metrics = evaluate_checkpoint(best["checkpoint_dir"], splits.test)
-    version = register_best(tracking_uri, settings.registered_model_name, best["run_id"], test_metrics)
+    evaluation = evaluate_challenger(best["checkpoint_dir"], splits.test, settings.behavioural_checks)
+    test_metrics = evaluation["test"]
+    version = register_best(
+        tracking_uri, settings.registered_model_name, best["run_id"], test_metrics, data_key,
+        training_fingerprint(settings),
+    )  # fmt: skip
+    rules = GateRules(settings.min_improvement, settings.max_class_drop, settings.force_promote)
+    decision = promote_if_better(
+        tracking_uri, settings.registered_model_name, version, evaluation, splits.test, rules, settings.seed
+    )
     plot_uris = log_evaluation(tracking_uri, best, trials, test_metrics)
 
     summary = {
+        "skipped": False,
         "run_id": best["run_id"],
         "experiment_name": settings.experiment_name,
         "tracking_uri": tracking_uri,
@@ -91,6 +135,8 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
         "params": best["params"],
         "val_loss": best["val_loss"],
         "test": test_metrics,
+        "behavioural": evaluation["behavioural"],
+        "promotion": decision,
         "trials": [{k: v for k, v in t.items() if k != "checkpoint_dir"} for t in trials],
         "plots": plot_uris,
         "data": {
@@ -106,16 +152,11 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
         "resumed": study["resumed"],
     }
     publish_best_run(summary)
-    if settings.results_fp:
-        Path(settings.results_fp).parent.mkdir(parents=True, exist_ok=True)
-        Path(settings.results_fp).write_text(json.dumps(summary, indent=2))
+    write_results(settings, summary)
     logger.info(
         "best run %s: params %s, val_loss %.4f, test F1 %.3f",
-        best["run_id"],
-        best["params"],
-        best["val_loss"],
-        test_metrics["f1"],
-    )
+        best["run_id"], best["params"], best["val_loss"], test_metrics["f1"],
+    )  # fmt: skip
     return summary
 
 
@@ -125,7 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     with command_line_run():
         summary = tune_classifier(settings)
-    print(json.dumps({k: summary[k] for k in ("run_id", "params", "val_loss", "test")}, indent=2))
+    if summary["skipped"]:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(json.dumps({k: summary[k] for k in ("run_id", "params", "val_loss", "test", "promotion")}, indent=2))
     return summary
 
 

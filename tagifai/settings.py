@@ -6,6 +6,7 @@ parameters, and the core functions receive them as arguments. Nothing here reads
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Literal, Optional, Union
 
@@ -83,6 +84,22 @@ class TuneSettings(BaseModel):
     refresh_cache: bool = Field(
         False, description="Rerun the cached steps (load, split, tokenize) and overwrite their cached results."
     )
+    # The promotion gate (tagifai/promotion.py) and scheduled re-tunes
+    min_improvement: float = Field(
+        0.0, ge=-1, le=1, description="Weighted test F1 the challenger must gain over the champion (a tie keeps it)."
+    )
+    max_class_drop: float = Field(
+        0.05, ge=0, le=1, description="Largest drop of any tag's test F1 the gate accepts from a challenger."
+    )
+    force_promote: bool = Field(False, description="Make the challenger the champion even if the gate rejects it.")
+    behavioural_checks: Optional[str] = Field(
+        None, description="YAML file of behavioural checks; default: the bundled tagifai/behavioural_checks.yaml."
+    )
+    skip_if_unchanged: bool = Field(
+        False,
+        description="End early when the champion was trained on the same data (same bytes) with the same "
+        "settings: for scheduled re-tunes.",
+    )
 
     @field_validator("initial_params", mode="before")
     @classmethod
@@ -117,6 +134,20 @@ class TuneSettings(BaseModel):
         return self
 
 
+# Options that change where results go or how the champion is chosen, not what is trained.
+NOT_TRAINING = {
+    "results_fp", "tracking_uri", "storage_path", "refresh_cache", "min_improvement", "max_class_drop",
+    "force_promote", "behavioural_checks", "skip_if_unchanged", "experiment_name", "registered_model_name",
+}  # fmt: skip
+
+
+def training_fingerprint(settings: TuneSettings) -> str:
+    """sha256 of the options that decide what a study trains: the same fingerprint on the same data
+    means the same study."""
+    relevant = settings.model_dump(mode="json", exclude=NOT_TRAINING | {"verbose", "json_output"})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
 class EvaluateSettings(BaseModel):
     """Options of `python -m flows.evaluate`."""
 
@@ -126,6 +157,9 @@ class EvaluateSettings(BaseModel):
     dataset_loc: str = Field(..., description="Labelled CSV/Parquet path or URL to evaluate on.")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default as for flows.tune).")
     results_fp: Optional[str] = Field(None, description="Write the JSON metrics to this file.")
+    behavioural_checks: Optional[str] = Field(
+        None, description="YAML file of behavioural checks; default: the bundled tagifai/behavioural_checks.yaml."
+    )
 
 
 class PredictSettings(BaseModel):
@@ -138,3 +172,23 @@ class PredictSettings(BaseModel):
     run_id: Optional[str] = Field(None, description="MLflow run to load; default: the experiment's best run.")
     experiment_name: str = Field(DEFAULT_EXPERIMENT_NAME, description="Experiment searched for the best run.")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default as for flows.tune).")
+
+
+class PromoteSettings(BaseModel):
+    """Options of `python -m flows.promote`: move the champion alias by hand, or read its history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Optional[str] = Field(None, description="Make this registered version the champion.")
+    rollback: bool = Field(False, description="Move the champion back to the one before the current champion.")
+    history: bool = Field(False, description="List every move of the champion alias: when, who, from, to, why.")
+    reason: Optional[str] = Field(None, description="Why, recorded in the history (default: 'by hand').")
+    model_name: str = Field(DEFAULT_MODEL_NAME, description="Registered model.")
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default as for flows.tune).")
+
+    @model_validator(mode="after")
+    def _one_action(self) -> PromoteSettings:
+        chosen = [name for name in ("version", "rollback", "history") if getattr(self, name)]
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of --version N, --rollback or --history")
+        return self

@@ -181,19 +181,6 @@ def mark_best(client: MlflowClient, run_id: str, test_metrics: dict) -> None:
     with_retries(lambda: client.log_batch(run_id, metrics=metrics, tags=[RunTag(TAG_BEST, "true")]))
 
 
-def register_best(client: MlflowClient, model_name: str, run_id: str, alias: str = CHAMPION_ALIAS) -> str:
-    """Register the run's checkpoint as a new model version and point `alias` at it."""
-    try:
-        client.create_registered_model(model_name)
-    except MlflowException as error:
-        if "already exists" not in str(error).lower() and error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + CHECKPOINT_ARTIFACT
-    version = client.create_model_version(model_name, source=source, run_id=run_id)
-    client.set_registered_model_alias(model_name, alias, version.version)
-    return version.version
-
-
 def best_run_id(client: MlflowClient, experiment_name: str) -> str:
     """The experiment's finished run with the lowest best_val_loss that has a checkpoint."""
     experiment = client.get_experiment_by_name(experiment_name)

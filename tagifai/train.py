@@ -268,7 +268,7 @@ def validate(
     logits = predict_logits(
         model, split, batch_size=batch_size, pad_token_id=pad_token_id, device=device, precision=precision
     )
-    val_loss = loss_fn(logits, torch.from_numpy(split.labels)).item()
+    val_loss = loss_fn(logits, torch.tensor(split.labels)).item()  # a copy: shared arrays are read-only
     return val_loss, weighted_f1(split.labels, logits.argmax(dim=1).numpy())
 
 

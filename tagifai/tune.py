@@ -26,7 +26,7 @@ from ray.tune.search.hyperopt import HyperOptSearch
 
 from tagifai import search_space, tracking
 from tagifai.errors import ResourceError
-from tagifai.settings import TuneSettings
+from tagifai.settings import TuneSettings, training_fingerprint
 from tagifai.train import TokenizedData
 from tagifai.trial import run_trial
 from tagifai.trial_store import TrialRecord, TrialStore, checkpoint_epoch
@@ -143,8 +143,8 @@ def claim_experiment_dir(storage: Path, settings: TuneSettings, data_fingerprint
     a finished folder (marker file) or one locked by a concurrent flow is skipped for the next.
     The OS drops the lock when its process dies, even by SIGKILL.
     """
-    relevant = settings.model_dump(exclude={"results_fp", "tracking_uri", "storage_path"})
-    key = hashlib.sha256(json.dumps([relevant, data_fingerprint], sort_keys=True, default=str).encode()).hexdigest()
+    parts = [training_fingerprint(settings), settings.experiment_name, data_fingerprint]
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     base = f"{settings.experiment_name}-{key[:10]}"
     storage.mkdir(parents=True, exist_ok=True)
     attempt = 0

@@ -5,20 +5,33 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tagifai import plots, tracking
-from tagifai.evaluate import evaluate_frame
+from tagifai.behavioural import load_checks, run_checks, summary_line
+from tagifai.evaluate import evaluation_report
 from tagifai.predict import Predictor
 
 
 @task(name="evaluate-best", cache_policy=NO_CACHE)
-def evaluate_checkpoint(checkpoint_dir: str, test: pd.DataFrame) -> dict:
-    return evaluate_frame(Predictor(Path(checkpoint_dir)), test)
+def evaluate_challenger(checkpoint_dir: str, test: pd.DataFrame, checks_path: Optional[str]) -> dict:
+    """The best checkpoint on the test rows (the full report, and the predicted tag of each row for
+    the gate's paired comparison) and on the behavioural checks."""
+    predictor = Predictor(Path(checkpoint_dir))
+    probabilities = predictor.predict_proba(list(test["title"]), list(test["description"]))
+    report = evaluation_report(test, probabilities, predictor.classes)
+    behavioural = run_checks(predictor, load_checks(checks_path))
+    get_run_logger().info("behavioural checks: %s", summary_line(behavioural))
+    return {
+        "test": report,
+        "predicted": [predictor.classes[i] for i in probabilities.argmax(axis=1)],
+        "behavioural": behavioural,
+    }
 
 
 @task(name="log-evaluation", cache_policy=NO_CACHE)

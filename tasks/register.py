@@ -1,4 +1,5 @@
-"""Prefect task: register the best run as a model version, and publish the `best-run` report."""
+"""Prefect task: register the best run as a new model version (the promotion gate decides whether
+it becomes the champion), and publish the `best-run` report."""
 
 from __future__ import annotations
 
@@ -7,14 +8,24 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tagifai import tracking
+from tagifai import registry, tracking
 
 
 @task(name="register-best", cache_policy=NO_CACHE)
-def register_best(tracking_uri: str, model_name: str, run_id: str, test_metrics: dict) -> str:
+def register_best(
+    tracking_uri: str,
+    model_name: str,
+    run_id: str,
+    test_metrics: dict,
+    data_fingerprint: str,
+    settings_fingerprint: str,
+) -> str:
+    """Every challenger becomes a version (so it can be promoted later), tagged with what it was
+    trained on, which is what --skip-if-unchanged compares."""
     client = MlflowClient(tracking_uri)
     tracking.mark_best(client, run_id, test_metrics)
-    return tracking.register_best(client, model_name, run_id)
+    tags = {registry.TAG_DATA_FINGERPRINT: data_fingerprint, registry.TAG_SETTINGS_FINGERPRINT: settings_fingerprint}
+    return registry.register_version(client, model_name, run_id, tags)
 
 
 def best_run_markdown(summary: dict) -> str:
@@ -32,7 +43,9 @@ def best_run_markdown(summary: dict) -> str:
     return (
         f"# Best run `{summary['run_id']}`\n\n"
         f"Experiment `{summary['experiment_name']}`, registered as `{summary['registered_model']}` "
-        f"version {summary['model_version']}.\n\n"
+        f"version {summary['model_version']} "
+        f"({'now the champion' if summary['promotion']['promoted'] else 'not promoted'}: see the `promotion` artifact)."
+        "\n\n"
         f"Validation loss {summary['val_loss']:.4f}\n\n## Parameters\n{params}\n\n"
         f"## Test metrics (weighted)\nprecision {test['precision']:.3f}, recall {test['recall']:.3f}, "
         f"**F1 {test['f1']:.3f}** on {test['num_samples']} examples\n\n"

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from demo.app import EXAMPLES, MAX_FIELD_CHARS, load_model, main, score_frame
+from demo.app import EXAMPLES, MAX_FIELD_CHARS, main, score_frame
 from demo.experiment import PARAMETERS, read_experiment
+from demo.serving import load_served
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def client(demo_url):
 
 
 def test_champion_is_served_with_its_provenance(served, store):
-    predictor, provenance = served
+    predictor, provenance = served.predictor, served.provenance
     assert provenance.run_id == store["run_id"]
     assert "champion" in provenance.chosen_by
     assert provenance.experiment_name == store["experiment_name"]
@@ -49,9 +50,7 @@ def test_champion_is_served_with_its_provenance(served, store):
 
 
 def test_best_run_is_served_when_no_model_is_registered(store):
-    _, provenance = load_model(
-        store["tracking_uri"], experiment_name=store["experiment_name"], model_name="unregistered"
-    )
+    provenance = load_served(store["tracking_uri"], None, store["experiment_name"], "unregistered").provenance
     assert provenance.run_id == store["run_id"]
     assert "lowest validation loss" in provenance.chosen_by
 
@@ -108,7 +107,7 @@ def test_a_retried_trial_is_one_row_and_untagged_runs_fall_back_to_the_experimen
 
 
 def test_batch_and_single_predictions_agree(served):
-    predictor, _ = served
+    predictor = served.predictor
     titles, descriptions = [t for t, _ in EXAMPLES], [d for _, d in EXAMPLES]
     batch = predictor.predict_proba(titles, descriptions)
     single = np.vstack([predictor.predict_proba([t], [d]) for t, d in zip(titles, descriptions)])
@@ -117,7 +116,7 @@ def test_batch_and_single_predictions_agree(served):
 
 
 def test_score_frame_keeps_rows_and_leaves_textless_rows_blank(served):
-    predictor, _ = served
+    predictor = served.predictor
     frame = pd.DataFrame(
         {"id": ["007", "8", "9"], "title": ["Drone birds", "", "Model rollback"], "description": ["", "", "Canary"]}
     )
@@ -143,7 +142,7 @@ def test_page_config_carries_the_trials_and_serves_the_plots(demo_url, experimen
 
 
 def test_api_predicts_one_project(client, served):
-    predictor, _ = served
+    predictor = served.predictor
     title, description = EXAMPLES[0]
     result = client.predict(title, description, api_name="/predict")
     expected = predictor.predict_proba([title], [description])[0]
@@ -155,7 +154,7 @@ def test_api_predicts_one_project(client, served):
 
 
 def test_api_answers_very_long_text(client, served):
-    predictor, _ = served
+    predictor = served.predictor
     title, description = "Detecting seabirds " * 2_000, "drone video " * 50_000
     result = client.predict(title, description, api_name="/predict")
     clipped = predictor.predict([title[:MAX_FIELD_CHARS].strip()], [description[:MAX_FIELD_CHARS].strip()])[0]
@@ -172,7 +171,7 @@ def test_api_rejects_empty_input_with_a_message(client):
 def test_api_scores_a_csv(client, served, tmp_path):
     from gradio_client import handle_file
 
-    predictor, _ = served
+    predictor = served.predictor
     upload = tmp_path / "projects.csv"
     pd.DataFrame(
         {"id": ["a1", "a2", "a3"], "title": [t for t, _ in EXAMPLES[:3]], "description": [d for _, d in EXAMPLES[:3]]}

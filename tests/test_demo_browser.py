@@ -97,7 +97,7 @@ def requested_urls(driver) -> list[str]:
 def test_page_predicts_offline(browser, demo_url, served, tmp_path):
     from selenium.webdriver.common.by import By
 
-    predictor, provenance = served
+    predictor, provenance = served.predictor, served.provenance
     title = "Counting seabirds in drone footage"
     wait = open_page(browser, demo_url)
     browser.find_element(By.CSS_SELECTOR, "#title textarea").send_keys(title)

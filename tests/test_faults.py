@@ -58,7 +58,7 @@ def test_failing_trial_is_retried_from_its_checkpoint_and_failed_attempt_is_mark
 
     with pytest.raises(SystemExit) as exit_info:
         predict.main(["--title", "a", "--run-id", summary["run_id"], "--tracking-uri", settings.tracking_uri])
-    assert "corrupted" in str(exit_info.value.code)
+    assert exit_info.value.code == 1 and "corrupted" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(
             [
@@ -70,7 +70,7 @@ def test_failing_trial_is_retried_from_its_checkpoint_and_failed_attempt_is_mark
                 settings.tracking_uri,
             ]
         )
-    assert "not found" in str(exit_info.value.code)  # data is checked first...
+    assert "not found" in capsys.readouterr().err  # data is checked first...
     from tagifai.data import sample_dataset_path
 
     with pytest.raises(SystemExit) as exit_info:
@@ -84,7 +84,7 @@ def test_failing_trial_is_retried_from_its_checkpoint_and_failed_attempt_is_mark
                 settings.tracking_uri,
             ]
         )
-    assert "corrupted" in str(exit_info.value.code)  # ...then the checkpoint
+    assert "corrupted" in capsys.readouterr().err  # ...then the checkpoint
 
 
 def flow_command(workdir: Path, backbone: Path, *extra: str) -> list[str]:

@@ -63,8 +63,14 @@ def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):
     assert sum(c["support"] for c in written["test"]["per_class"].values()) == 60
     for trial in written["trials"]:
         assert set(trial) >= {"trial_id", "run_id", "params", "val_loss", "epochs", "status"}
-        assert 1 <= trial["epochs"] <= 2 and trial["status"] in {"completed", "pruned"}
+        assert 1 <= trial["epochs"] <= 6 and trial["status"] in {"completed", "pruned"}
     assert summary["cached"] == {"load": False, "split": False, "tokenize": False}
+
+    # The first model of a registry: the gate promotes it because its behavioural checks pass.
+    promotion = written["promotion"]
+    assert promotion["promoted"] and promotion["champion_version_before"] is None
+    assert promotion["champion_version_after"] == version.version == summary["model_version"]
+    assert promotion["behavioural"] == {"passed": True, "failures": []} and "no champion yet" in promotion["reason"]
 
 
 def test_second_run_with_same_inputs_reuses_cached_steps(tuned_store, tiny_backbone):

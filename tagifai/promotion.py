@@ -1,0 +1,132 @@
+"""The promotion gate: does this run's best model (the challenger) replace the `champion`?
+
+Both are scored on the same test rows in the same run (the champion's stored test F1 came from
+other data). The challenger takes the alias only if its weighted F1 beats the champion's by at
+least `min_improvement` (a tie keeps the champion), no tag's F1 drops by more than
+`max_class_drop`, and its behavioural checks pass. How large the difference is against the test
+set's noise is told by a paired bootstrap (see `paired_bootstrap`); it informs, it does not decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from tagifai.errors import UserError
+from tagifai.evaluate import classification_metrics
+from tagifai.predict import Predictor
+from tagifai.tracking import download_checkpoint
+from tagifai.train import weighted_f1
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class GateRules:
+    min_improvement: float = 0.0
+    max_class_drop: float = 0.05
+    force: bool = False
+
+
+def paired_bootstrap(labels: np.ndarray, challenger: np.ndarray, champion: np.ndarray, seed: int) -> dict:
+    """The weighted-F1 difference (challenger - champion) resampled over the same test rows.
+
+    Each resample draws rows with replacement and scores both models on the very same draw, so
+    what the rows happen to be cancels out and only the models' difference varies. Returns the
+    observed difference, its 95% interval and the share of resamples where the challenger is not
+    better (a one-sided p-value): an interval that straddles 0 means the test set cannot tell them apart.
+    """
+    rng = np.random.default_rng(seed)
+    rows = len(labels)
+    differences = np.empty(BOOTSTRAP_SAMPLES)
+    for i in range(BOOTSTRAP_SAMPLES):
+        draw = rng.integers(0, rows, rows)
+        differences[i] = weighted_f1(labels[draw], challenger[draw]) - weighted_f1(labels[draw], champion[draw])
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return {
+        "method": f"paired bootstrap, {BOOTSTRAP_SAMPLES} resamples of {rows} test rows",
+        "f1_difference": weighted_f1(labels, challenger) - weighted_f1(labels, champion),
+        "ci95": [float(low), float(high)],
+        "p_not_better": float(np.mean(differences <= 0)),
+    }
+
+
+def decide(
+    challenger: dict,
+    champion: Optional[dict],
+    behavioural_passed: bool,
+    rules: GateRules,
+    incompatible: Optional[str] = None,
+    noise: Optional[dict] = None,
+) -> tuple[bool, str]:
+    """(promote?, reason). `challenger`/`champion` hold "f1" and "per_class" {tag: {"f1"}} on the
+    same rows; `incompatible` says why a champion cannot be compared (then only force promotes)."""
+    reasons = []
+    if incompatible:
+        reasons.append(f"the champion cannot be compared: {incompatible}")
+    if not behavioural_passed:
+        reasons.append("the challenger failed its behavioural checks")
+    if champion is not None and not incompatible:
+        difference = challenger["f1"] - champion["f1"]
+        noise_note = ""
+        if noise:
+            low, high = noise["ci95"]
+            noise_note = f" (95% CI {low:+.3f} to {high:+.3f}, {noise['method']})"
+        if difference <= 0 or difference < rules.min_improvement:
+            reasons.append(
+                f"F1 {challenger['f1']:.3f} vs champion {champion['f1']:.3f}: {difference:+.3f}{noise_note}, "
+                f"needs more than 0 and at least {rules.min_improvement:+.3f}"
+            )
+        drops = {
+            tag: champion["per_class"][tag]["f1"] - scores["f1"]
+            for tag, scores in challenger["per_class"].items()
+            if tag in champion["per_class"]
+        }
+        worst = max(drops, key=drops.get, default=None)
+        if worst is not None and drops[worst] > rules.max_class_drop:
+            reasons.append(f"F1 of tag {worst!r} drops by {drops[worst]:.3f} (at most {rules.max_class_drop:.3f})")
+        if not reasons:
+            return True, (
+                f"F1 {challenger['f1']:.3f} beats champion {champion['f1']:.3f} by {difference:+.3f}{noise_note}; "
+                f"no tag drops more than {rules.max_class_drop:.3f}; behavioural checks passed"
+            )
+    if not reasons:
+        return True, "no champion yet; behavioural checks passed"
+    if rules.force:
+        return True, "forced (--force-promote) although " + "; ".join(reasons)
+    return False, "kept the champion: " + "; ".join(reasons)
+
+
+def score_on(predictor, test: pd.DataFrame) -> tuple[dict, list[str]]:
+    """Weighted and per-class metrics of `predictor` on the labelled `test` rows, and its predicted tags."""
+    probabilities = predictor.predict_proba(list(test["title"]), list(test["description"]))
+    predicted = [predictor.classes[i] for i in probabilities.argmax(axis=1)]
+    return classification_metrics(list(test["tag"]), predicted, predictor.classes), predicted
+
+
+def load_champion(client, version) -> tuple[Optional[Predictor], Optional[str]]:
+    """The champion's predictor, or why it cannot be loaded (a backbone that no longer loads, a
+    damaged or missing checkpoint): then it is not compared."""
+    try:
+        return Predictor(download_checkpoint(client, version.run_id)), None
+    except (UserError, OSError, ValueError, KeyError) as error:
+        return None, f"version {version.version} does not load ({error})"
+
+
+def compare(challenger_scores: dict, challenger_predicted: list[str], champion, test: pd.DataFrame, seed: int) -> dict:
+    """The champion re-scored on the challenger's test rows, with the paired bootstrap of the
+    difference; or why they cannot be compared (another tag set)."""
+    known = sorted(challenger_scores["per_class"])
+    if sorted(champion.classes) != known:
+        return {"incompatible": f"it knows the tags {sorted(champion.classes)}, the challenger {known}"}
+    scores, predicted = score_on(champion, test)
+    index = {tag: i for i, tag in enumerate(known)}
+
+    def as_index(tags) -> np.ndarray:
+        return np.array([index[tag] for tag in tags])
+
+    noise = paired_bootstrap(as_index(test["tag"]), as_index(challenger_predicted), as_index(predicted), seed)
+    return {"scores": scores, "noise": noise}
