@@ -117,7 +117,7 @@ def describe_run(client, run, args: dict, chosen_by: str, version=None, model_na
         chosen_by=chosen_by,
         backbone=str(args.get("backbone", "unknown")),
         model_name=model_name if version is not None else None,
-        version=version.version if version is not None else None,
+        version=str(version.version) if version is not None else None,
         alias=tracking.CHAMPION_ALIAS if version is not None else None,
         hyperparameters=dict(args.get("hyperparameters") or {}),
         epoch=args.get("epoch"),
@@ -209,6 +209,6 @@ def holder_for(tracking_uri: str, run_id: Optional[str], experiment_name: str, m
 
     def champion_version() -> Optional[str]:
         version = registry.champion(MlflowClient(tracking_uri), model_name)
-        return version.version if version is not None else None
+        return str(version.version) if version is not None else None
 
     return ModelHolder(served, champion_version, load, reload_interval_s)

@@ -80,7 +80,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     ):
         reason = f"champion version {champion.version} was trained on the same data with the same settings"
         logger.info("skipped: %s; nothing to re-tune (drop --skip-if-unchanged to tune anyway)", reason)
-        summary = {"skipped": True, "reason": reason, "champion_version": champion.version, "cached": cached}
+        summary = {"skipped": True, "reason": reason, "champion_version": str(champion.version), "cached": cached}
         summary["data"] = {"source": data.source, "fingerprint": data_key, "rows": len(data.frame)}
         write_results(settings, summary)
         return summary

@@ -41,7 +41,7 @@ def register_version(client: MlflowClient, model_name: str, run_id: str, tags: O
     ensure_registered_model(client, model_name)
     source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + CHECKPOINT_ARTIFACT
     version = with_retries(lambda: client.create_model_version(model_name, source=source, run_id=run_id, tags=tags))
-    return version.version
+    return str(version.version)
 
 
 def champion(client: MlflowClient, model_name: str, alias: str = CHAMPION_ALIAS):
@@ -78,7 +78,7 @@ def move_alias(
     move = {
         "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "by": _os_user(),
-        "from": before.version if before else None,
+        "from": str(before.version) if before else None,
         "to": None if to_version is None else str(to_version),
         "alias": alias,
         "kind": kind,

@@ -35,9 +35,10 @@ def promote_if_better(
     started = time.perf_counter()
     client = MlflowClient(tracking_uri)
     before = registry.champion(client, model_name)
+    before_version = str(before.version) if before else None
     challenger = {k: evaluation["test"][k] for k in ("f1", "per_class")}
     champion_scores, incompatible, noise = None, None, None
-    if before is not None and before.version != challenger_version:
+    if before is not None and before_version != challenger_version:
         predictor, incompatible = promotion.load_champion(client, before)
         if predictor is not None:
             compared = promotion.compare(challenger, evaluation["predicted"], predictor, test, seed)
@@ -61,8 +62,8 @@ def promote_if_better(
         "promoted": promoted,
         "reason": reason,
         "forced": forced,
-        "champion_version_before": before.version if before else None,
-        "champion_version_after": challenger_version if promoted else (before.version if before else None),
+        "champion_version_before": before_version,
+        "champion_version_after": challenger_version if promoted else before_version,
         "challenger_version": challenger_version,
         "challenger": challenger,
         "champion": {k: champion_scores[k] for k in ("f1", "per_class")} if champion_scores else None,

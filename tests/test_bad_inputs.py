@@ -78,6 +78,8 @@ def bad_cases(tmp: Path, http_base: str, silent_url: str, tiny_backbone: Path) -
     write_rows(tmp / "rare.csv", rows_per_tag=(12, 12, 12, 2))
     write_rows(tmp / "one_tag.csv", rows_per_tag=(30,), tags=["mlops"])
     write_rows(tmp / "holdout_unseen.csv", rows_per_tag=(3, 3), tags=["mlops", "robotics"])
+    bad_checks = tmp / "bad_checks.yaml"
+    bad_checks.write_text("minimum:\n  - text: Object detection in images\n")
     (tmp / "not_a_model").mkdir(exist_ok=True)
     (tmp / "not_a_model" / "notes.txt").write_text("hello")
     data = ["--dataset-loc", str(good)]
@@ -108,6 +110,16 @@ def bad_cases(tmp: Path, http_base: str, silent_url: str, tiny_backbone: Path) -
         ),
         "model that is not a model": (data + ["--model", str(tmp / "not_a_model")], "not a transformers model"),
         "unreachable tracking URI": (data + ["--tracking-uri", "http://127.0.0.1:9"], "not reachable"),
+        "min improvement out of range": (data + ["--min-improvement", "2"], "--min-improvement"),
+        "negative max class drop": (data + ["--max-class-drop", "-0.1"], "--max-class-drop"),
+        "missing behavioural checks file": (
+            data + ["--behavioural-checks", str(tmp / "checks.yaml")],
+            "cannot read behavioural checks",
+        ),
+        "behavioural checks without a tag": (
+            data + ["--behavioural-checks", str(bad_checks)],
+            "minimum case 1 lacks expected",
+        ),
         "more CPUs than the cluster": (
             data + ["--model", str(tiny_backbone), "--cpu-per-worker", "64"],
             "asks for 64 CPU",
@@ -139,6 +151,10 @@ CASE_NAMES = [
     "more trainable layers than the model",
     "model that is not a model",
     "unreachable tracking URI",
+    "min improvement out of range",
+    "negative max class drop",
+    "missing behavioural checks file",
+    "behavioural checks without a tag",
     "more CPUs than the cluster",
 ]
 
