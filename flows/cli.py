@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from typing import Any, Optional, TypeVar
 
@@ -38,7 +39,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
         default = field.get_default(call_default_factory=True)
         shown = json.dumps(default) if isinstance(default, (list, dict)) else default
         help_text = (field.description or "").replace("%", "%%")
-        option = "--" + name.replace("_", "-")
+        option = (field.json_schema_extra or {}).get("cli") or "--" + name.replace("_", "-")
         if field.annotation is bool:
             parser.add_argument(option, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
@@ -68,6 +69,26 @@ def parse_settings(model: type[Settings], argv: Optional[list[str]], prog: str, 
         parser.error(problems)
 
 
+# Prefect's own progress messages, one or two per task run: the flow's lines say what happened.
+ENGINE_CHATTER = ("Created task run", "Finished in state Completed", "Finished in state Cached", "Beginning flow run",
+                  "Starting temporary server", "Stopping temporary server", "View at ")  # fmt: skip
+
+
+class _QuietEngine(logging.Filter):
+    """Drops Prefect's per-task state messages and MLflow's start-up notices from the console;
+    warnings and errors always pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        if record.name.startswith("mlflow"):
+            return False
+        return not (record.name.startswith("prefect") and str(record.msg).startswith(ENGINE_CHATTER))
+
+
+QUIET_ENGINE = _QuietEngine()
+
+
 class _HideUserErrorTracebacks(logging.Filter):
     """Prefect logs a failed run with its traceback; for a user error the message is the answer."""
 
@@ -78,20 +99,31 @@ class _HideUserErrorTracebacks(logging.Filter):
 
 
 @contextlib.contextmanager
-def command_line_run():
-    """Prefect defaults for a run started from a terminal; a user error exits with its message."""
+def command_line_run(verbose: bool = False):
+    """Prefect defaults for a run started from a terminal, a quiet console (unless `verbose`), and a
+    user error ending the command with its message."""
+    from prefect.logging.handlers import PrefectConsoleHandler
     from prefect.settings import temporary_settings
 
-    quiet = _HideUserErrorTracebacks()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    no_tracebacks = _HideUserErrorTracebacks()
     run_loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
     for run_logger in run_loggers:
-        run_logger.addFilter(quiet)
+        run_logger.addFilter(no_tracebacks)
     try:
         with temporary_settings(set_defaults=CLI_PREFECT_DEFAULTS), exit_on_user_error():
+            if not verbose:
+                from prefect.logging.configuration import ensure_logging_setup
+
+                ensure_logging_setup()  # Prefect's console handler exists from here on
+                consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+                consoles += [h for name in ("mlflow", "prefect") for h in logging.getLogger(name).handlers]
+                for handler in consoles:  # left on: Prefect says goodbye as the process exits
+                    handler.addFilter(QUIET_ENGINE)
             yield
     finally:
         for run_logger in run_loggers:
-            run_logger.removeFilter(quiet)
+            run_logger.removeFilter(no_tracebacks)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows import report
 from flows.cli import command_line_run, parse_settings
 from tagifai import tracking
 from tagifai.behavioural import load_checks, run_checks, summary_line
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     with command_line_run():
         result = evaluate_classifier(settings)
-    print(json.dumps(result["test"], indent=2))
+    print(json.dumps(result, indent=2) if settings.json_output else report.evaluate_summary(result))
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from flows import report
 from flows.cli import exit_on_user_error, parse_settings
 from tagifai import tracking
 from tagifai.predict import load_run_predictor
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
         tracking.check_reachable(tracking_uri)
         predictor, run_id = load_run_predictor(tracking_uri, settings.run_id, settings.experiment_name)
     result = {"run_id": run_id, **predictor.predict([settings.title], [settings.description])[0]}
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if settings.json_output else report.predict_summary(result))
     return result
 
 

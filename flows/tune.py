@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
+from flows import report
 from flows.cli import command_line_run, parse_settings
 from tagifai import registry, tracking
 from tagifai.behavioural import load_checks
 from tagifai.model import check_backbone
+from tagifai.progress import format_params
 from tagifai.promotion import GateRules
 from tagifai.settings import TuneSettings, training_fingerprint
 from tasks.cache import key
@@ -58,6 +61,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     """Tune a transformer text classifier with Ray Tune, track it in MLflow, evaluate the best, and
     promote it to champion if it beats the current one."""
     logger = get_run_logger()
+    timings = {"flow_started_at": time.time()}
     tracking_uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tracking.check_reachable(tracking_uri)
     check_backbone(settings.model, settings.trainable_layers)
@@ -88,22 +92,26 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     splits, cached["split"] = run_cached(
         split_data, settings, data, holdout, data_key, settings.seed, settings.num_samples
     )
-    logger.info(
-        "data: %d train / %d validation / %d test rows, tags %s",
-        len(splits.train), len(splits.val), len(splits.test), list(splits.class_to_index),
-    )  # fmt: skip
     tokenized, cached["tokenize"] = run_cached(
         tokenize_data, settings, splits, data_key, settings.model, settings.max_length
     )
-    logger.info("cached steps reused: %s", [name for name, hit in cached.items() if hit] or "none")
+    logger.info(
+        "data: %d rows of %s -> %d train / %d validation / %d test, tags %s (cached: %s)",
+        len(data.frame), data.source, len(splits.train), len(splits.val), len(splits.test),
+        ", ".join(splits.class_to_index), ", ".join(name for name, hit in cached.items() if hit) or "none",
+    )  # fmt: skip
 
     # The store is written only once the inputs are known to be good: bad data leaves no trace.
     experiment_id = tracking.get_or_create_experiment(client, settings.experiment_name, tracking_uri)
-    logger.info("MLflow: %s (experiment %r)", tracking_uri, settings.experiment_name)
-
     study_settings = starting_from_champion(settings, client, champion)
-    logger.info("tuning: %d trials x up to %d epochs", settings.num_runs, settings.num_epochs)
+    logger.info(
+        "tuning: %d trials x up to %d epochs, %d at a time; MLflow %s, experiment %r",
+        settings.num_runs, settings.num_epochs, settings.max_concurrent, tracking_uri, settings.experiment_name,
+    )  # fmt: skip
+    timings["data_s"] = time.time() - timings["flow_started_at"]
+    tuning_started = time.time()
     study = tune_study(tokenized, study_settings, tracking_uri, experiment_id, data_key)
+    timings["tuning_s"] = time.time() - tuning_started
     if study["resumed"]:
         logger.info("resumed the interrupted Ray Tune experiment in %s", study["experiment_dir"])
     trials = study["trials"]
@@ -149,13 +157,16 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
         },
         "cached": cached,
         "ray_experiment_dir": study["experiment_dir"],
+        "ray_log_file": study["log_file"],
         "resumed": study["resumed"],
+        "timings": timings,
     }
     publish_best_run(summary)
+    timings["evaluation_s"] = time.time() - tuning_started - timings["tuning_s"]
     write_results(settings, summary)
     logger.info(
-        "best run %s: params %s, val_loss %.4f, test F1 %.3f",
-        best["run_id"], best["params"], best["val_loss"], test_metrics["f1"],
+        "best run %s: val_loss %.4f, test F1 %.3f | %s",
+        best["run_id"], best["val_loss"], test_metrics["f1"], format_params(best["params"]),
     )  # fmt: skip
     return summary
 
@@ -164,12 +175,14 @@ def main(argv: list[str] | None = None) -> dict:
     settings = parse_settings(
         TuneSettings, argv, prog="python -m flows.tune", description=tune_classifier.description or ""
     )
-    with command_line_run():
+    with command_line_run(settings.verbose):
         summary = tune_classifier(settings)
-    if summary["skipped"]:
+    if settings.json_output:
         print(json.dumps(summary, indent=2))
     else:
-        print(json.dumps({k: summary[k] for k in ("run_id", "params", "val_loss", "test", "promotion")}, indent=2))
+        print(report.tune_summary(summary, time.time(), report.process_started_at()))
+        if settings.results_fp:
+            print(f"Full results: {settings.results_fp}")
     return summary
 
 

@@ -97,7 +97,9 @@ def decide(
         return True, "no champion yet; behavioural checks passed"
     if rules.force:
         return True, "forced (--force-promote) although " + "; ".join(reasons)
-    return False, "kept the champion: " + "; ".join(reasons)
+    return False, ("kept the champion: " if champion is not None or incompatible else "not promoted: ") + "; ".join(
+        reasons
+    )
 
 
 def score_on(predictor, test: pd.DataFrame) -> tuple[dict, list[str]]:

@@ -100,6 +100,13 @@ class TuneSettings(BaseModel):
         description="End early when the champion was trained on the same data (same bytes) with the same "
         "settings: for scheduled re-tunes.",
     )
+    # What a person sees
+    verbose: bool = Field(False, description="Show Ray's own output (trial tables, worker logs) on the console.")
+    json_output: bool = Field(
+        False,
+        description="Print the full JSON summary to stdout instead of the short human summary.",
+        json_schema_extra={"cli": "--json"},
+    )
 
     @field_validator("initial_params", mode="before")
     @classmethod
@@ -138,13 +145,14 @@ class TuneSettings(BaseModel):
 NOT_TRAINING = {
     "results_fp", "tracking_uri", "storage_path", "refresh_cache", "min_improvement", "max_class_drop",
     "force_promote", "behavioural_checks", "skip_if_unchanged", "experiment_name", "registered_model_name",
+    "verbose", "json_output",
 }  # fmt: skip
 
 
 def training_fingerprint(settings: TuneSettings) -> str:
     """sha256 of the options that decide what a study trains: the same fingerprint on the same data
     means the same study."""
-    relevant = settings.model_dump(mode="json", exclude=NOT_TRAINING | {"verbose", "json_output"})
+    relevant = settings.model_dump(mode="json", exclude=NOT_TRAINING)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -160,6 +168,9 @@ class EvaluateSettings(BaseModel):
     behavioural_checks: Optional[str] = Field(
         None, description="YAML file of behavioural checks; default: the bundled tagifai/behavioural_checks.yaml."
     )
+    json_output: bool = Field(
+        False, description="Print the full JSON result instead of a short summary.", json_schema_extra={"cli": "--json"}
+    )
 
 
 class PredictSettings(BaseModel):
@@ -172,6 +183,9 @@ class PredictSettings(BaseModel):
     run_id: Optional[str] = Field(None, description="MLflow run to load; default: the experiment's best run.")
     experiment_name: str = Field(DEFAULT_EXPERIMENT_NAME, description="Experiment searched for the best run.")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default as for flows.tune).")
+    json_output: bool = Field(
+        False, description="Print the result as JSON instead of one line.", json_schema_extra={"cli": "--json"}
+    )
 
 
 class PromoteSettings(BaseModel):

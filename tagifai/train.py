@@ -205,11 +205,15 @@ def train_epoch(
     rng: np.random.Generator,
     device: str = "cpu",
     precision: str = "fp32",
-) -> float:
-    """One pass over `split` in shuffled, length-bucketed batches; returns the mean loss."""
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Optional[float]:
+    """One pass over `split` in shuffled, length-bucketed batches; returns the mean loss, or None
+    when `should_stop()` turned true before a batch."""
     model.train()
     total_loss, seen = 0.0, 0
     for input_ids, attention_mask, labels in iterate_batches(split, batch_size, pad_token_id, rng):
+        if should_stop():
+            return None
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
             logits = model(input_ids.to(device), attention_mask.to(device))
@@ -289,11 +293,13 @@ def train_classifier(
     device: str = "cpu",
     precision: str = "fp32",
     trainable_layers: Optional[int] = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
     """Fine-tune backbone + head with AdamW and ReduceLROnPlateau, reporting every epoch.
 
     `config` holds the search space's hyperparameters (tagifai/search_space.py). A resumed run
     continues from its checkpoint's weights, epoch and learning rate (not the optimizer moments).
+    `should_stop()` is asked before every batch: a trial the scheduler pruned leaves at once.
     """
     precision = resolve_precision(precision, device)
     release_freed_memory()
@@ -320,7 +326,11 @@ def train_classifier(
     for epoch in range(first_epoch, num_epochs + 1):
         started = time.perf_counter()
         epoch_lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_epoch(model, data.train, batch_size=batch_size, optimizer=optimizer, rng=rng, **steps)
+        train_loss = train_epoch(
+            model, data.train, batch_size=batch_size, optimizer=optimizer, rng=rng, should_stop=should_stop, **steps
+        )
+        if train_loss is None:  # stopped from outside: nothing of this epoch is reported
+            return
         val_loss, val_f1 = validate(model, data.val, batch_size=batch_size * 2, **steps)
         scheduler.step(val_loss)
         metrics = {

@@ -34,6 +34,18 @@ def _maybe_inject_fault(epoch: int) -> None:
         raise RuntimeError(f"injected fault at epoch {epoch} ({INJECT_FAULT_ENV})")
 
 
+def stop_requested() -> bool:
+    """True once Tune has stopped this trial (ASHA pruned it). Tune only ends a function trainable
+    at its next report, i.e. after another whole epoch, and meanwhile refuses to reuse the worker
+    for the next trial (it waits 2 s, then fails that trial); checked before every batch, the trial
+    leaves at once. Reads the session's stop flag, which Ray 2.x keeps on its internal session."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    stop = getattr(session, "stop_event", None)
+    return bool(stop is not None and stop.is_set())
+
+
 def run_trial(
     config: dict,
     data: TokenizedData,
@@ -74,6 +86,7 @@ def run_trial(
                 device=device,
                 precision=precision,
                 trainable_layers=trainable_layers,
+                should_stop=stop_requested,
             )
     finally:
         # Free the model now, in this thread, and give the memory back before the next trial. Left

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -24,8 +24,9 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from tagifai import search_space, tracking
+from tagifai import progress, search_space, tracking
 from tagifai.errors import ResourceError
+from tagifai.ray_output import ray_logs_to, worker_output_to
 from tagifai.settings import TuneSettings, training_fingerprint
 from tagifai.train import TokenizedData
 from tagifai.trial import run_trial
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_loss", "min"
 COMPLETE_MARKER = "tuning_complete.json"
+RAY_LOG_FILE = "ray.log"  # Ray's and the trials' own output, unless --verbose
 SNAPSHOT_PERIOD_S = 2
 
 
@@ -204,10 +206,10 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=path.name,
             storage_path=str(path.parent),
-            callbacks=[tracker],
+            callbacks=[tracker, progress.StudyProgress(settings.num_runs, settings.num_epochs)],
             # No checkpoints are handed to Tune: each trial keeps its own record (tagifai/trial_store.py).
             failure_config=tune.FailureConfig(max_failures=2),
-            verbose=1,
+            verbose=1 if settings.verbose else 0,  # Tune's own tables only with --verbose
         ),
     )
 
@@ -242,11 +244,19 @@ def summarize_trials(results, experiment_uri: str) -> list[dict]:
 
 
 def tune_hyperparameters(
-    data: TokenizedData, settings: TuneSettings, tracking_uri: str, experiment_id: str, data_fingerprint: str
+    data: TokenizedData,
+    settings: TuneSettings,
+    tracking_uri: str,
+    experiment_id: str,
+    data_fingerprint: str,
+    display=None,
+    announce: Callable[[str], None] = logger.info,
 ) -> dict:
     """Run (or resume) the study; every trial ends with an MLflow run holding its best checkpoint.
+    `display` shows the study's progress (tagifai/progress.py); `announce` says where Ray's own
+    output went (unless settings.verbose).
 
-    Returns {"experiment_dir", "resumed", "trials": [one row per trial]}.
+    Returns {"experiment_dir", "resumed", "trials": [one row per trial], "log_file"}.
     """
     client = MlflowClient(tracking_uri)
     with claim_experiment_dir(Path(settings.storage_path).resolve(), settings, data_fingerprint) as path:
@@ -255,15 +265,24 @@ def tune_hyperparameters(
         # started after the last snapshot is unknown to a resumed experiment, which starts a new one
         # in its place and wastes the work done. Every 2 s costs a few kB written per snapshot.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_PERIOD_S))
-        started_ray = connect_ray(settings)
-        try:
-            check_resources(settings)
-            tracker = TrialTracker(tracking_uri, experiment_id, session=path.name, experiment_uri=str(path))
-            results = build_tuner(data, settings, path, tracker, resume=resumed).fit()
-        finally:
-            tracking.close_session_runs(client, experiment_id, path.name)
-            if started_ray:
-                ray.shutdown()
+        # A worker reused for the next trial first waits for the stopped trial's thread; trials
+        # leave within one batch (trial.stop_requested), which can exceed Tune's 2 s on a slow CPU.
+        os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+        log_file = path / RAY_LOG_FILE
+        if not settings.verbose:
+            announce(f"Ray and trial logs: {log_file}")
+        with ray_logs_to(log_file, settings.verbose):
+            started_ray = connect_ray(settings)
+            try:
+                check_resources(settings)
+                tracker = TrialTracker(tracking_uri, experiment_id, session=path.name, experiment_uri=str(path))
+                tuner = build_tuner(data, settings, path, tracker, resume=resumed)
+                with worker_output_to(log_file, settings.verbose), progress.showing(display):
+                    results = tuner.fit()
+            finally:
+                tracking.close_session_runs(client, experiment_id, path.name)
+                if started_ray:
+                    ray.shutdown()
 
         rows = summarize_trials(results, str(path))
         known = {row["trial_id"] for row in rows}
@@ -276,4 +295,4 @@ def tune_hyperparameters(
                 tracking.log_checkpoint(client, row["run_id"], Path(row["checkpoint_dir"]))
                 tracking.log_epoch(client, row["run_id"], {"best_val_loss": row["val_loss"]}, row["epochs"])
         (path / COMPLETE_MARKER).write_text(json.dumps(rows, indent=2, default=str))
-    return {"experiment_dir": str(path), "resumed": resumed, "trials": rows}
+    return {"experiment_dir": str(path), "resumed": resumed, "trials": rows, "log_file": str(log_file)}

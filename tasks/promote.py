@@ -74,11 +74,11 @@ def promote_if_better(
     _tag_versions(client, model_name, decision)
     create_markdown_artifact(key="promotion", markdown=decision_markdown(model_name, decision),
                              description="Did this run's best model become the champion, and why")  # fmt: skip
-    get_run_logger().info(
-        "promotion: %s version %s (champion before: %s): %s",
-        "PROMOTED" if promoted else "kept the champion over", challenger_version,
-        decision["champion_version_before"], reason,
-    )  # fmt: skip
+    if promoted:
+        outcome = f"version {challenger_version} is the champion now (before: {before_version or 'none'})"
+    else:
+        outcome = f"version {challenger_version} not promoted; the champion stays {before_version or 'none'}"
+    get_run_logger().info("promotion: %s: %s", outcome, reason)
     return decision
 
 

@@ -110,23 +110,20 @@ def test_evaluate_and_predict_clis_read_the_tracked_run(tuned_store, tmp_path, c
         ]
     )
     written = json.loads(out.read_text())
+    human = capsys.readouterr().out  # a short summary, not the JSON
+    assert (
+        f"F1 {written['test']['f1']:.3f}" in human and "Behavioural checks:" in human and len(human.splitlines()) < 12
+    )
+    assert written["behavioural"]["kinds"].keys() == {"invariance", "directional", "minimum"}
     assert written["test"]["num_samples"] == 300 and 0.0 <= written["test"]["f1"] <= 1.0
     assert set(written["test"]["slices"]) == {"short_text_under_5_words", "mentions_vision_and_language"}
     assert result["run_id"] == summary["run_id"]
 
-    capsys.readouterr()
-    prediction = predict.main(
-        [
-            "--title",
-            "Real-time object detection",
-            "--description",
-            "YOLO on video streams",
-            "--tracking-uri",
-            settings.tracking_uri,
-            "--experiment-name",
-            "tiny",
-        ]
-    )
+    argv = ["--title", "Real-time object detection", "--description", "YOLO on video streams",
+            "--tracking-uri", settings.tracking_uri, "--experiment-name", "tiny"]  # fmt: skip
+    prediction = predict.main(argv)
+    assert capsys.readouterr().out.strip().startswith(prediction["prediction"] + " (")  # one line for a person
+    predict.main([*argv, "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["prediction"] in printed["probabilities"]
     assert abs(sum(printed["probabilities"].values()) - 1.0) < 1e-5

@@ -193,7 +193,7 @@ def test_gate_scenario_weak_rejected_forced_better_rolled_back_and_skipped(lifec
     assert challenger["tagifai.gate.decision"] == "rejected" and challenger["tagifai.gate.reason"] == decision["reason"]
     assert client.get_model_version("tagifai", "1").tags["tagifai.gate.challenged_by"] == "version 2: rejected"
     assert any("Not promoted" in markdown and "version 2" in markdown for markdown in promotion_artifacts())  # 3.
-    assert "promotion: kept the champion over version 2" in output  # 4. the log
+    assert "promotion: version 2 not promoted; the champion stays 1" in output  # 4. the log
 
     # Forced through: the decision says so.
     forced = tune_classifier(weak.model_copy(update={"force_promote": True, "results_fp": None}))["promotion"]

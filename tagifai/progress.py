@@ -1,0 +1,220 @@
+"""Progress of a tuning study, as a person wants to follow it: one live table on a terminal, or
+plain lines (one per finished epoch, one per finished trial) in a pipe, a file or a Prefect log.
+
+`StudyProgress` is a Ray Tune callback, so Tune pickles it with the experiment and restores it when
+a study resumes: it therefore holds only the study's shape, and reaches the screen through the
+display made active by `showing(...)` in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ray import tune
+
+from tagifai.search_space import NAMES
+
+STATUSES = ("pending", "running", "pruned", "done", "error")
+
+
+@dataclass
+class TrialState:
+    trial_id: str
+    params: dict
+    status: str = "pending"
+    epoch: int = 0
+    last_loss: Optional[float] = None
+    best_loss: Optional[float] = None
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StudyState:
+    """What the display shows; updated from Tune's callbacks on the driver."""
+
+    num_trials: int
+    num_epochs: int
+    started: float = field(default_factory=time.monotonic)
+    trials: dict[str, TrialState] = field(default_factory=dict)
+    lanes: int = 1  # the most trials seen running at once
+
+    @property
+    def finished(self) -> int:
+        return sum(t.status in ("pruned", "done", "error") for t in self.trials.values())
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def eta_s(self) -> Optional[float]:
+        """Seconds left if every unfinished trial ran all its epochs (pruning makes it shorter):
+        the epochs left times the mean epoch so far, shared among the trials that run side by side."""
+        seconds = [s for t in self.trials.values() for s in t.epoch_seconds]
+        if not seconds:
+            return None
+        unstarted = self.num_trials - len(self.trials)
+        left = unstarted * self.num_epochs + sum(
+            self.num_epochs - t.epoch for t in self.trials.values() if t.status in ("pending", "running")
+        )
+        return left * (sum(seconds) / len(seconds)) / self.lanes
+
+    def headline(self) -> str:
+        eta = self.eta_s()
+        eta_text = "estimating" if eta is None else f"at most ~{format_seconds(eta)} left"
+        return f"{self.finished}/{self.num_trials} trials done, {format_seconds(self.elapsed_s())} elapsed, {eta_text}"
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def format_params(params: dict) -> str:
+    return " ".join(f"{name}={params[name]:.3g}" for name in NAMES if name in params)
+
+
+def format_loss(value: Optional[float]) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+class PlainLines:
+    """One line per finished epoch and per finished trial, through `emit` (a logger's info)."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit = emit
+
+    def start(self) -> None:
+        pass
+
+    def epoch(self, study: StudyState, trial: TrialState) -> None:
+        self.emit(
+            f"trial {trial.trial_id} epoch {trial.epoch}/{study.num_epochs}: val_loss {format_loss(trial.last_loss)} "
+            f"(best {format_loss(trial.best_loss)}) | {format_params(trial.params)} | {study.headline()}"
+        )
+
+    def ended(self, study: StudyState, trial: TrialState) -> None:
+        self.emit(
+            f"trial {trial.trial_id} {trial.status} after {trial.epoch} epoch(s), best val_loss "
+            f"{format_loss(trial.best_loss)} | {study.headline()}"
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class LiveTable:
+    """A table redrawn in place on a terminal (rich), plus plain lines to `also` (the Prefect API)."""
+
+    def __init__(self, console, also: Optional[PlainLines] = None):
+        from rich.live import Live
+
+        self.study: Optional[StudyState] = None
+        self.also = also
+        self.live = Live(self, console=console, refresh_per_second=2, transient=False)
+
+    def start(self) -> None:
+        self.live.start()
+
+    def __rich__(self):
+        from rich.table import Table
+
+        study = self.study
+        table = Table(title=study.headline() if study else "starting trials...", title_justify="left")
+        for column in ("trial", "status", "epoch", "val_loss", "best", "hyperparameters"):
+            table.add_column(column, no_wrap=column != "hyperparameters")
+        for trial in study.trials.values() if study else []:
+            epoch = f"{trial.epoch}/{study.num_epochs}"
+            losses = format_loss(trial.last_loss), format_loss(trial.best_loss)
+            table.add_row(trial.trial_id, trial.status, epoch, *losses, format_params(trial.params))
+        return table
+
+    def epoch(self, study: StudyState, trial: TrialState) -> None:
+        self.study = study
+        if self.also:
+            self.also.epoch(study, trial)
+
+    def ended(self, study: StudyState, trial: TrialState) -> None:
+        self.study = study
+        if self.also:
+            self.also.ended(study, trial)
+
+    def close(self) -> None:
+        self.live.stop()
+
+
+_active: dict = {"display": None}
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def showing(display) -> Iterator[None]:
+    """Make `display` the one that StudyProgress callbacks of this process draw on, for the duration."""
+    if display is not None:
+        display.start()
+    with _lock:
+        _active["display"] = display
+    try:
+        yield
+    finally:
+        with _lock:
+            _active["display"] = None
+        if display is not None:
+            display.close()
+
+
+class StudyProgress(tune.Callback):
+    """Feeds the active display from Tune's trial events (see the module docstring)."""
+
+    def __init__(self, num_trials: int, num_epochs: int):
+        self.num_trials, self.num_epochs = num_trials, num_epochs
+        self.study = StudyState(num_trials, num_epochs)
+
+    def __getstate__(self):
+        return {"num_trials": self.num_trials, "num_epochs": self.num_epochs}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def _trial(self, trial) -> TrialState:
+        if trial.trial_id not in self.study.trials:
+            params = {k: float(v) for k, v in trial.config.items() if isinstance(v, (int, float))}
+            self.study.trials[trial.trial_id] = TrialState(trial.trial_id, params)
+        return self.study.trials[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._trial(trial).status = "running"
+        running = sum(t.status == "running" for t in self.study.trials.values())
+        self.study.lanes = max(self.study.lanes, running)
+
+    on_trial_restore = on_trial_start
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        state = self._trial(trial)
+        state.status = "running"
+        state.epoch = int(result.get("epoch", state.epoch + 1))
+        state.last_loss = result.get("val_loss")
+        if state.last_loss is not None and (state.best_loss is None or state.last_loss < state.best_loss):
+            state.best_loss = state.last_loss
+        if "epoch_time_s" in result and not result.get("replayed"):
+            state.epoch_seconds.append(float(result["epoch_time_s"]))
+        display = _active["display"]
+        if display is not None:
+            display.epoch(self.study, state)
+
+    def _ended(self, trial, status: str) -> None:
+        state = self._trial(trial)
+        state.status = status
+        display = _active["display"]
+        if display is not None:
+            display.ended(self.study, state)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial, "done" if self._trial(trial).epoch >= self.num_epochs else "pruned")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial, "error")
