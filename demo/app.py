@@ -164,7 +164,7 @@ def build_app(holder: ModelHolder, max_scoring_s: float = MAX_SCORING_S) -> gr.B
         if estimate_s > max_scoring_s:
             raise gr.Error(
                 f"{Path(csv_path).name} has {len(frame)} rows, about {estimate_s:.0f} s of scoring here; the limit "
-                f"is {max_scoring_s:.0f} s. Split it into smaller files.",
+                f"is {max_scoring_s:g} s. Split it into smaller files.",
                 print_exception=False,
             )
         progress((0, len(frame)), desc="Scoring", unit="rows")

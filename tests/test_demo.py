@@ -240,3 +240,36 @@ def test_missing_store_exits_non_zero_with_the_train_command(tmp_path):
     assert "python -m flows.tune" in finished.stderr
     assert "Traceback" not in finished.stderr
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_other_users_get_answers_while_a_20000_row_file_is_scored(client, served, tmp_path):
+    from gradio_client import handle_file
+
+    upload = tmp_path / "big.csv"
+    titles = [title for title, _ in EXAMPLES] * 5_000
+    pd.DataFrame({"title": titles, "description": [d for _, d in EXAMPLES] * 5_000}).to_csv(upload, index=False)
+    job = client.submit(handle_file(str(upload)), api_name="/score_csv")
+    answered_meanwhile = 0
+    while not job.done():
+        result = client.predict("Object detection in drone video", "", api_name="/predict")
+        answered_meanwhile += not job.done() and result["label"] in served.predictor.classes
+    scored = pd.read_csv(job.result())
+    assert len(scored) == 20_000 and scored["prediction"].isin(served.predictor.classes).all()
+    assert answered_meanwhile >= 1, "no prediction was answered while the file was being scored"
+
+
+def test_a_file_over_the_time_limit_is_refused_up_front(served, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from conftest import launched
+    from demo.app import build_app
+    from demo.serving import ModelHolder
+
+    upload = tmp_path / "projects.csv"
+    pd.DataFrame({"title": [t for t, _ in EXAMPLES] * 50, "description": [d for _, d in EXAMPLES] * 50}).to_csv(
+        upload, index=False
+    )
+    with launched(build_app(ModelHolder(served), max_scoring_s=0.001)) as url:
+        with pytest.raises(AppError, match=r"200 rows, about .* s of scoring here; the limit is 0.001 s"):
+            Client(url, verbose=False).predict(handle_file(str(upload)), api_name="/score_csv")

@@ -174,3 +174,52 @@ def test_experiment_tab_shows_the_trials_and_plots(browser, demo_url, experiment
     wait.until(lambda page: trial_ids[-1] in first_row(page) and trial_ids[0] not in first_row(page))
     assert "Traceback" not in browser.page_source
     assert (tmp_path / "experiment.png").stat().st_size > 10_000
+
+
+def test_csv_scoring_shows_progress_and_offers_the_download(browser, demo_url, tmp_path):
+    """A CSV of a few hundred rows: the page shows a progress bar with rows done/total while it is
+    scored (recorded by an observer on the page, so a quick job is not missed), then the file."""
+    import pandas as pd
+    from selenium.webdriver.common.by import By
+
+    from demo.app import EXAMPLES
+
+    rows = 600
+    upload = tmp_path / "projects.csv"
+    pd.DataFrame(
+        {
+            "title": [EXAMPLES[i % 4][0] for i in range(rows)],
+            "description": [EXAMPLES[i % 4][1] * 8 for i in range(rows)],
+        }
+    ).to_csv(upload, index=False)
+    wait = open_page(browser, demo_url)
+    browser.find_element(By.XPATH, "//button[contains(normalize-space(), 'Score a CSV file')]").click()
+    browser.execute_script(
+        """window.progressSeen = [];
+        new MutationObserver(() => document.querySelectorAll('.progress-level-inner, .progress-text, .progress-bar')
+            .forEach(e => window.progressSeen.push(e.className + '|' + e.textContent.trim())))
+          .observe(document.body, {subtree: true, childList: true, characterData: true});"""
+    )
+    browser.find_element(By.CSS_SELECTOR, "#csv-upload input[type=file]").send_keys(str(upload))
+    wait.until(lambda page: "projects" in page.find_element(By.ID, "csv-upload").text)
+    browser.find_element(By.ID, "score-button").click()
+    link = wait.until(
+        lambda page: next(
+            (
+                a
+                for a in page.find_elements(By.CSS_SELECTOR, "#csv-scored a")
+                if (a.get_attribute("href") or "").endswith("projects-predictions.csv")
+            ),
+            None,
+        )
+    )
+    seen = browser.execute_script("return window.progressSeen")
+    browser.save_screenshot(str(tmp_path / "csv.png"))
+    assert any(f"/{rows}" in text and "rows" in text for text in seen), seen[-20:]
+    assert any("progress-bar" in text for text in seen), seen[-20:]
+    assert "projects-predictions" in browser.find_element(By.ID, "csv-scored").text
+    import urllib.request
+
+    with urllib.request.urlopen(link.get_attribute("href"), timeout=30) as response:  # the download itself
+        scored = pd.read_csv(response)
+    assert len(scored) == rows and "prediction" in scored.columns
