@@ -32,6 +32,16 @@ def pytest_configure(config):
     os.environ.pop("RAY_ADDRESS", None)
 
 
+def skip_if_setup_could_not_install(package: str) -> None:
+    """Skip, saying why, when ./setup.sh recorded that it could not install `package` here (no
+    root, no apt-get); otherwise a missing package is a failure like any other."""
+    import sys
+
+    record = Path(sys.prefix) / "missing-system-packages"
+    if record.exists() and package in record.read_text().split():
+        pytest.skip(f"{package} is not installed: ./setup.sh could not install it on this machine (see its output)")
+
+
 def make_tiny_backbone(folder: Path) -> Path:
     """A randomly initialised 2-layer, 32-wide BERT with the default backbone's tokenizer; seeded,
     so that every test session trains the same model from the same start."""

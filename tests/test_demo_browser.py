@@ -1,7 +1,7 @@
 """The demo page in a real headless Chromium with the network cut off: it renders, predicts, explains,
 shows the trials.
 
-Needs Debian's browser and driver: apt-get install -y chromium chromium-driver (CI installs them too).
+Needs Debian's browser and driver, which ./setup.sh installs (apt-get install -y chromium chromium-driver).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import shutil
 from urllib.parse import urlparse
 
 import pytest
+
+from conftest import skip_if_setup_could_not_install
 
 PLOTS = ("parallel-coordinates", "learning-curves")  # the Experiment tab's images, by elem_id
 PAGE_TIMEOUT_S = 90  # a loaded CI box can take a while to start the page's JavaScript
@@ -34,6 +36,9 @@ def chromium() -> tuple[str, str]:
     """Paths of the browser and its driver; session-scoped so a missing browser fails before the tuning run."""
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
+    for package, found in (("chromium", browser_path), ("chromium-driver", driver_path)):
+        if not found:
+            skip_if_setup_could_not_install(package)
     if not (browser_path and driver_path):
         pytest.fail(
             f"the browser test needs Chromium and its driver (found browser={browser_path}, driver={driver_path}); "
