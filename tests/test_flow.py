@@ -69,7 +69,7 @@ def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):
     # The first model of a registry: the gate promotes it because its behavioural checks pass.
     promotion = written["promotion"]
     assert promotion["promoted"] and promotion["champion_version_before"] is None
-    assert promotion["champion_version_after"] == version.version == summary["model_version"]
+    assert promotion["champion_version_after"] == str(version.version) == summary["model_version"]
     assert promotion["behavioural"] == {"passed": True, "failures": []} and "no champion yet" in promotion["reason"]
 
 
