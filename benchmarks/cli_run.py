@@ -15,8 +15,8 @@ bookkeeping. Afterwards the run is reconstructed from what the flow records anyw
 
 `cli_core_utilisation` = trial compute core-seconds / (usable cores x wall from process start to
 exit). The idle core-seconds (the rest) are split, exactly, into: before the first epoch (Python
-and Prefect start-up, data preparation, Ray start and Tune set-up, the first trials' launch),
-between trials (a core idle while some trial has still to start: worker launch, model build,
+imports, Prefect's temporary server and flow run, data preparation, Ray start and Tune set-up,
+the first trials' launch), between trials (a core idle while some trial has still to start: worker launch, model build,
 result hand-off), the study's tail (a core idle with no trial left to start: the last trial(s)
 finishing on fewer cores than there are), and after the last epoch (Tune/Ray teardown,
 evaluation, registration, plots, Prefect teardown, interpreter exit).
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -105,6 +106,20 @@ def prefect_phases(prefect_home: Path) -> dict:
             if start is not None
         ],
     }
+
+
+def prefect_server_start(log_path: Path, started: float) -> Optional[float]:
+    """When Prefect began starting its temporary server (its own log line, local time of day): the
+    end of the CLI's imports. None when the run used a running server or the line is not there."""
+    pattern = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) \| INFO +\| prefect - Starting temporary server")
+    day = datetime.fromtimestamp(started).replace(hour=0, minute=0, second=0, microsecond=0)
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = pattern.match(line)
+        if match:
+            hours, minutes, seconds = int(match[1]), int(match[2]), float(match[3])
+            moment = day.timestamp() + hours * 3600 + minutes * 60 + seconds
+            return moment + 86400 if moment < started - 60 else moment  # past midnight
+    return None
 
 
 def mlflow_trials(tracking_uri: str, experiment_name: str) -> list[dict]:
@@ -213,7 +228,8 @@ def _split_before(started: float, first: float, trials: list[dict], phases: dict
     tune = next((t for t in tasks if t["name"] == TUNE_TASK), None)
     first_run = min((t["run_start"] for t in trials), default=None)
     marks = [
-        ("python_and_prefect_start", phases.get("flow_start")),
+        ("python_imports", phases.get("prefect_server_start")),
+        ("prefect_start_and_flow_run", phases.get("flow_start")),
         ("data_prep_and_checks", tune["start"] if tune else None),
         ("ray_start_and_tune_setup", first_run),
         ("first_trial_launch_and_model_build", first),
@@ -345,6 +361,7 @@ def run_cli(
     summary = json.loads((workdir / "summary.json").read_text())
     trials = mlflow_trials(tracking_uri(workdir), experiment)
     phases = prefect_phases(workdir / "prefect-home")
+    phases["prefect_server_start"] = prefect_server_start(log_path, started)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     result = utilisation(started, exited, trials, cores, cpus_per_trial, phases)
     records = record_epoch_times(workdir / "ray_results")

@@ -131,6 +131,7 @@ def test_cli_utilisation_splits_idle_core_seconds_exactly():
     # its core after a 2 s launch (18-26 s); a ends at 22 s, so 22-26 s is the tail (c alone).
     trials = [trial("a", 8.0, [14.0, 18.0, 22.0]), trial("b", 8.0, [14.0]), trial("c", 15.0, [20.0, 24.0, 28.0])]
     phases = {
+        "prefect_server_start": 1.5,
         "flow_start": 3.0,
         "flow_end": 37.0,
         "tasks": [
@@ -153,7 +154,8 @@ def test_cli_utilisation_splits_idle_core_seconds_exactly():
     before = result["before_first_epoch_s"]
     assert before == pytest.approx(
         {
-            "python_and_prefect_start": 3.0,
+            "python_imports": 1.5,
+            "prefect_start_and_flow_run": 1.5,
             "data_prep_and_checks": 3.0,
             "ray_start_and_tune_setup": 2.0,
             "first_trial_launch_and_model_build": 2.0,
@@ -166,6 +168,19 @@ def test_cli_utilisation_splits_idle_core_seconds_exactly():
     assert after["flow_rest"] == pytest.approx(3.0) and after["prefect_teardown_and_exit"] == pytest.approx(3.0)
     assert after["task_durations_s"] == {"evaluation": 2.0, "registration": 1.0}
     assert [row["launch_to_first_epoch_s"] for row in result["trials"]] == pytest.approx([2.0, 2.0, 1.0])
+
+
+def test_prefect_server_start_is_read_from_its_log_line(tmp_path):
+    from datetime import datetime
+
+    from benchmarks.cli_run import prefect_server_start
+
+    started = datetime(2026, 1, 2, 10, 0, 0).timestamp()
+    log = tmp_path / "cli.log"
+    log.write_text("noise\n10:00:07.250 | INFO    | prefect - Starting temporary server on http://127.0.0.1:8582\n")
+    assert prefect_server_start(log, started) == pytest.approx(started + 7.25)
+    log.write_text("10:00:07.250 | INFO    | Flow run 'x' - Beginning flow run\n")
+    assert prefect_server_start(log, started) is None
 
 
 def test_cli_utilisation_without_prefect_marks_keeps_phases_whole():
