@@ -298,6 +298,9 @@ def child_env(workdir: Path) -> dict:
         PYTHONUNBUFFERED="1",
     )
     env.setdefault("RAY_AUTH_MODE", "disabled")
+    # Prefect gives its temporary server 20 s to start; a busy 2-core machine can take longer (the
+    # CLI itself raises this too, the warm-up below needs it set).
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -306,13 +309,15 @@ def warm_stores(workdir: Path, env: dict, experiment_name: str, backbone: str) -
     """Create the MLflow store, Prefect's database and the exported prediction graph in another
     process, as any run after a machine's first finds them; returns the seconds that took."""
     started = time.perf_counter()
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", WARM_UP, tracking_uri(workdir), experiment_name, backbone],
-        check=True,
         capture_output=True,
+        text=True,
         cwd=ROOT,
         env=env,
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"warming the stores failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - started
 
 

@@ -4,7 +4,7 @@ Why: per example, PyTorch spends as long dispatching HF's modules as multiplying
 one-text prediction: ~20 ms eager vs ~10 ms here, at 1 thread), and a batch padded to its
 longest text computes on pad tokens. Here the graph runs in ONNX Runtime, and a batch is cut,
 in length order, into runs of at most TOKENS_PER_RUN padded tokens: almost no padding, and GEMMs
-still large enough to run near the machine's matmul rate (benchmarks/RESULTS.md).
+still large enough to run near the machine's matmul rate (`python -m benchmarks.run`, `inference`).
 
 Export cost: tracing a transformer into ONNX takes seconds, too slow to pay for every checkpoint
 the flow evaluates. So the graph is exported once per architecture (backbone config, number of
@@ -44,7 +44,9 @@ from tagifai.train import TokenizedSplit, pad_batch
 
 logger = logging.getLogger(__name__)
 
-TOKENS_PER_RUN = 512  # padded tokens per session run: measured best between 128 and 1024 (RESULTS.md)
+# Padded tokens per session run. At 1 thread, 128-512 ran ~1.7x faster than one padded batch of 64
+# (2,368 tokens); larger runs lose to padding and cache misses, smaller ones to per-run overhead.
+TOKENS_PER_RUN = 512
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask")
 MAPPING_KEY = "tagifai.weights"  # metadata: graph initializer -> [parameter name, transposed]

@@ -1,7 +1,7 @@
 """Load a checkpoint once and predict tags with their probabilities.
 
 Predictions run in ONNX Runtime where it is installed and the checkpoint exports (tagifai/
-onnx_engine.py: same probabilities to ~1e-6, faster; figures in benchmarks/RESULTS.md), else in
+onnx_engine.py: same probabilities to ~1e-6, faster; `python -m benchmarks.run` measures it), else in
 PyTorch. The demo, `flows.predict`, `flows.evaluate` and the tuning flow's evaluation all
 predict through `Predictor`. $TAGIFAI_INFERENCE_ENGINE picks the engine by hand: `torch`,
 `onnx` (fp32), `onnx-int8`, or `auto` (the default, DEFAULT_ENGINE).
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 ENGINE_ENV = "TAGIFAI_INFERENCE_ENGINE"
 ENGINES = ("auto", "onnx", "onnx-int8", "torch")
 # fp32: the int8 graph ran faster but moved test F1 on the real data by 0.0068, past the 0.005 allowed
-# (benchmarks/RESULTS.md); `onnx-int8` keeps it one switch away.
+# (0.8894 -> 0.8826 on its 153 test rows, `inference.int8_f1_change`); `onnx-int8` keeps it one switch away.
 DEFAULT_ENGINE = "onnx"
 
 
