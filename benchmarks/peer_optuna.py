@@ -5,7 +5,8 @@
 What a capable user writes without this project (needs `pip install -e ".[bench]"` for optuna):
 
 - Optuna's TPE sampler over the same search space (tagifai/search_space.py), the flow's initial
-  point enqueued first, a median pruner on validation loss after each epoch;
+  point enqueued first, a median pruner on validation loss after each epoch (from the second
+  trial on, after the flow's grace period);
 - a plain PyTorch loop: a DataLoader with a collate function that pads each batch to its longest
   text (dynamic padding), AdamW, ReduceLROnPlateau, every layer trained, torch's default threads,
   trials one after the other in one process;
@@ -174,7 +175,9 @@ def run_study(
     study = optuna.create_study(
         direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_warmup_steps=TuneSettings().grace_period),
+        # As the flow's ASHA: may stop a trial after its grace period, against the trials before it
+        # (Optuna's default waits for 5 finished trials, which a 4-trial study never reaches).
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=TuneSettings().grace_period),
     )
     for point in TuneSettings().initial_params:
         study.enqueue_trial(point)
