@@ -250,7 +250,8 @@ def print_table(results: dict) -> None:
     if "by_engine" in infer:
         bound = infer["bound"]
         print(
-            f"inference (default engine {infer['engine']}; bound: {bound['flop_parameters'] / 1e6:.2f}M parameters x "
+            f"inference (default engine {infer['engine']}; targets: batch at {infer['batch_threads']} thread(s), "
+            f"single at {infer['single_threads']}; bound: {bound['flop_parameters'] / 1e6:.2f}M parameters x "
             f"2 x {bound['batch64_mean_tokens']:.1f} tokens = {bound['flops_per_example'] / 1e9:.3f} GFLOP/example)"
         )
         for threads, b in bound["by_threads"].items():
@@ -261,10 +262,16 @@ def print_table(results: dict) -> None:
             )
         for engine, by_threads in infer["by_engine"].items():
             for threads, m in by_threads.items():
+                cpu = (
+                    f"; in CPU time: {m['batch64_cpu_fraction_of_bound']:.2f} of bound, "
+                    f"{m['single_cpu_p50_over_floor']:.2f}x floor"
+                    if "batch64_cpu_fraction_of_bound" in m
+                    else ""
+                )
                 print(
                     f"  {engine:<17} {threads} thread(s): batch64 {m['batch64_examples_per_s']:6.0f}/s "
                     f"({m['batch64_fraction_of_bound']:.2f} of bound), single p50 {m['single_p50_ms']:5.1f} ms "
-                    f"({m['single_p50_over_floor']:.2f}x floor; CPU {m['single_cpu_p50_ms']:.1f} ms)"
+                    f"({m['single_p50_over_floor']:.2f}x floor){cpu}"
                 )
         costs = infer["load_costs"]
         print(
