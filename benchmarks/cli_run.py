@@ -9,15 +9,17 @@ bookkeeping. Afterwards the run is reconstructed from what the flow records anyw
   CPUs per trial; an epoch's end is the timestamp of that metric (the driver logs it when the
   result arrives: a few hundred ms after the epoch, when it wrote a checkpoint), so it ran over
   [end - epoch_time_s, end];
-- trial starts: the trial's MLflow run start (Tune's on_trial_start on the driver);
+- trial starts: the trial's MLflow run start (Tune's on_trial_start on the driver, called once the
+  trial's actor is up: its worker process started and imported the trainable);
 - the flow's phases: flow and task run start/end times in Prefect's database ($PREFECT_HOME);
 - the process: started and reaped here.
 
 `cli_core_utilisation` = trial compute core-seconds / (usable cores x wall from process start to
 exit). The idle core-seconds (the rest) are split, exactly, into: before the first epoch (Python
-imports, Prefect's temporary server and flow run, data preparation, Ray start and Tune set-up,
-the first trials' launch), between trials (a core idle while some trial has still to start: worker launch, model build,
-result hand-off), the study's tail (a core idle with no trial left to start: the last trial(s)
+imports, Prefect's temporary server and flow run, data preparation, Ray start, Tune set-up and
+the first worker processes, then the first trial's data fetch and model build), between trials
+(a core idle while some trial has still to start: worker launch, model build, result hand-off),
+the study's tail (a core idle with no trial left to start: the last trial(s)
 finishing on fewer cores than there are), and after the last epoch (Tune/Ray teardown,
 evaluation, registration, plots, Prefect teardown, interpreter exit).
 """
@@ -231,8 +233,8 @@ def _split_before(started: float, first: float, trials: list[dict], phases: dict
         ("python_imports", phases.get("prefect_server_start")),
         ("prefect_start_and_flow_run", phases.get("flow_start")),
         ("data_prep_and_checks", tune["start"] if tune else None),
-        ("ray_start_and_tune_setup", first_run),
-        ("first_trial_launch_and_model_build", first),
+        ("ray_start_tune_setup_and_worker_start", first_run),
+        ("first_trial_data_and_model_build", first),
     ]
     return _consecutive(started, marks, first)
 
@@ -275,7 +277,7 @@ def _trial_row(trial: dict, started: float) -> dict:
     if epochs:
         first_start = epochs[0]["end"] - epochs[0]["epoch_time_s"]
         row.update(
-            launch_to_first_epoch_s=first_start - trial["run_start"],
+            trial_start_to_first_epoch_s=first_start - trial["run_start"],
             first_epoch_start_s=first_start - started,
             last_epoch_end_s=epochs[-1]["end"] - started,
             epoch_time_s=[e["epoch_time_s"] for e in epochs],

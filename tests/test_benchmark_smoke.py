@@ -157,8 +157,8 @@ def test_cli_utilisation_splits_idle_core_seconds_exactly():
             "python_imports": 1.5,
             "prefect_start_and_flow_run": 1.5,
             "data_prep_and_checks": 3.0,
-            "ray_start_and_tune_setup": 2.0,
-            "first_trial_launch_and_model_build": 2.0,
+            "ray_start_tune_setup_and_worker_start": 2.0,
+            "first_trial_data_and_model_build": 2.0,
         }
     )
     after = result["after_last_epoch_s"]
@@ -167,7 +167,7 @@ def test_cli_utilisation_splits_idle_core_seconds_exactly():
     assert after["until_end_of_registration"] == pytest.approx(1.0)
     assert after["flow_rest"] == pytest.approx(3.0) and after["prefect_teardown_and_exit"] == pytest.approx(3.0)
     assert after["task_durations_s"] == {"evaluation": 2.0, "registration": 1.0}
-    assert [row["launch_to_first_epoch_s"] for row in result["trials"]] == pytest.approx([2.0, 2.0, 1.0])
+    assert [row["trial_start_to_first_epoch_s"] for row in result["trials"]] == pytest.approx([2.0, 2.0, 1.0])
 
 
 def test_prefect_server_start_is_read_from_its_log_line(tmp_path):
@@ -189,7 +189,7 @@ def test_cli_utilisation_without_prefect_marks_keeps_phases_whole():
     trials = [{"trial_id": "a", "run_start": 2.0, "epochs": [{"epoch": 1, "end": 8.0, "epoch_time_s": 5.0}]}]
     result = utilisation(0.0, 10.0, trials, cores=2, cpus_per_trial=1.0, phases={})
     assert result["before_first_epoch_s"] == pytest.approx(
-        {"ray_start_and_tune_setup": 2.0, "first_trial_launch_and_model_build": 1.0}
+        {"ray_start_tune_setup_and_worker_start": 2.0, "first_trial_data_and_model_build": 1.0}
     )
     assert result["idle_breakdown_core_s"]["study_tail"] == pytest.approx(5.0, abs=0.05)
     assert result["cli_core_utilisation"] == pytest.approx(0.25)
