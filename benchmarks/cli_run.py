@@ -386,6 +386,8 @@ def run_cli(
         log=str(log_path),
     )
     memory["source"] = "tuning CLI process tree (driver, Prefect server, Ray processes, trials)"
+    # Kept beside the run, so a benchmark stopped later still leaves this run's figures.
+    (workdir / "cli_result.json").write_text(json.dumps({**result, "memory": memory}, indent=2))
     return result, memory
 
 
