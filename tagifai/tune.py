@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_loss", "min"
 COMPLETE_MARKER = "tuning_complete.json"
+TRIAL_DIR_PREFIX = "trial_"
 RAY_LOG_FILE = "ray.log"  # Ray's and the trials' own output, unless --verbose
 SNAPSHOT_PERIOD_S = 2
 
@@ -199,6 +200,7 @@ def build_tuner(
             search_alg=ConcurrencyLimiter(search, max_concurrent=settings.max_concurrent),
             scheduler=scheduler,
             num_samples=settings.num_runs,
+            trial_dirname_creator=trial_dirname,
             # A finished trial's worker runs the next one: no new process, imports or backbone
             # checksum per trial (benchmarks/RESULTS.md: ~8-10 s of start-up per trial otherwise).
             reuse_actors=True,
@@ -214,9 +216,18 @@ def build_tuner(
     )
 
 
+def trial_dirname(trial) -> str:
+    """Each trial's folder is named after its id, which `trial_id_of` reads back."""
+    return f"{TRIAL_DIR_PREFIX}{trial.trial_id}"
+
+
 def trial_id_of(result) -> str:
-    """A result's trial id; a trial that never reported has only its folder name to go by."""
-    return (result.metrics or {}).get("trial_id") or Path(result.path).name
+    """A result's trial id, from its folder's name. (Its metrics are no guide: a trial that failed
+    before reporting can carry the last result of the worker it was to reuse.)"""
+    name = Path(result.path).name
+    if name.startswith(TRIAL_DIR_PREFIX):
+        return name.removeprefix(TRIAL_DIR_PREFIX)
+    return (result.metrics or {}).get("trial_id") or name  # a study begun before folders were named so
 
 
 def summarize_trials(results, experiment_uri: str) -> list[dict]:
