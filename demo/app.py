@@ -29,6 +29,7 @@ from tagifai.data import TEXT_COLUMNS, parse_table
 from tagifai.errors import DataError, TrackingError, UserError
 from tagifai.predict import Predictor
 from tagifai.settings import DEFAULT_EXPERIMENT_NAME, DEFAULT_MODEL_NAME
+from tagifai.storage import redact
 
 TRAIN_COMMAND = "python -m flows.tune"
 MAX_FIELD_CHARS = 5_000  # far beyond the tokenizer's max_length; keeps huge pastes cheap
@@ -150,7 +151,7 @@ def load_model(
         run = client.get_run(run_id)
     except MlflowException:
         raise TrackingError(
-            f"MLflow run {run_id!r} does not exist in {tracking_uri}; check the id "
+            f"MLflow run {run_id!r} does not exist in {redact(tracking_uri)}; check the id "
             "(mlflow ui lists the runs) or leave out --run-id to serve the best run"
         ) from None
     with tempfile.TemporaryDirectory(prefix="tagifai-demo-") as folder:
@@ -338,7 +339,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         predictor, provenance = load_model(tracking_uri, args.run_id, args.experiment_name, args.model_name)
     except UserError as error:
         sys.exit(f"error: {error}")
-    print(f"serving run {provenance.run_id} ({provenance.chosen_by}) from {tracking_uri}")
+    print(f"serving run {provenance.run_id} ({provenance.chosen_by}) from {redact(tracking_uri)}")
     experiment = load_experiment(tracking_uri, provenance.run_id)
     try:
         build_app(predictor, provenance, experiment).launch(

@@ -19,6 +19,7 @@ from flows.cli import command_line_run, parse_settings
 from tagifai import tracking
 from tagifai.model import check_backbone
 from tagifai.settings import TuneSettings
+from tagifai.storage import check_storage, redact
 from tasks.cache import key
 from tasks.evaluate import evaluate_checkpoint, log_evaluation
 from tasks.load import load_data
@@ -40,6 +41,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     logger = get_run_logger()
     tracking_uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tracking.check_reachable(tracking_uri)
+    check_storage(settings.storage_path)
     check_backbone(settings.model, settings.trainable_layers)
 
     cached = {}
@@ -63,9 +65,9 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
 
     # The store is written only once the inputs are known to be good: bad data leaves no trace.
     experiment_id = tracking.get_or_create_experiment(
-        MlflowClient(tracking_uri), settings.experiment_name, tracking_uri
+        MlflowClient(tracking_uri), settings.experiment_name, tracking_uri, settings.artifact_location
     )
-    logger.info("MLflow: %s (experiment %r)", tracking_uri, settings.experiment_name)
+    logger.info("MLflow: %s (experiment %r)", redact(tracking_uri), settings.experiment_name)
 
     logger.info("tuning: %d trials x up to %d epochs", settings.num_runs, settings.num_epochs)
     study = tune_study(tokenized, settings, tracking_uri, experiment_id, data_key)
@@ -85,7 +87,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     summary = {
         "run_id": best["run_id"],
         "experiment_name": settings.experiment_name,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact(tracking_uri),
         "registered_model": settings.registered_model_name,
         "model_version": version,
         "params": best["params"],

@@ -76,7 +76,16 @@ class TuneSettings(BaseModel):
         None,
         description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns.",
     )
-    storage_path: str = Field("ray_results", description="Folder for Ray Tune experiment state (resume).")
+    storage_path: str = Field(
+        "ray_results",
+        description="Ray Tune experiment state and trial checkpoints (resume): a folder, or s3://bucket/prefix "
+        "reached through AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.",
+    )
+    artifact_location: Optional[str] = Field(
+        None,
+        description="Artifact root of a new MLflow experiment when tracking straight into a database "
+        "(postgresql://...), e.g. s3://bucket/mlflow; an mlflow server and SQLite choose their own.",
+    )
     registered_model_name: str = Field(DEFAULT_MODEL_NAME, description="MLflow registered model for the best run.")
     seed: int = Field(DEFAULT_SEED, description="Seed for the split, the search and the training.")
     results_fp: Optional[str] = Field(None, description="Write the run's JSON summary to this file.")

@@ -7,13 +7,9 @@ through the object store once (`tune.with_parameters`). MLflow is written from t
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +21,8 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
 from tagifai import search_space, tracking
+from tagifai import storage as storage_lib
+from tagifai.claim import COMPLETE_MARKER, Claim, claim_experiment_dir
 from tagifai.errors import ResourceError
 from tagifai.settings import TuneSettings
 from tagifai.train import TokenizedData
@@ -34,7 +32,6 @@ from tagifai.trial_store import TrialRecord, TrialStore, checkpoint_epoch
 logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_loss", "min"
-COMPLETE_MARKER = "tuning_complete.json"
 SNAPSHOT_PERIOD_S = 2
 
 
@@ -135,33 +132,6 @@ def check_resources(settings: TuneSettings) -> None:
             )
 
 
-@contextlib.contextmanager
-def claim_experiment_dir(storage: Path, settings: TuneSettings, data_fingerprint: str) -> Iterator[Path]:
-    """A stable folder per (data, settings), locked while in use.
-
-    An interrupted run leaves its folder unfinished and unlocked, so the same command resumes it;
-    a finished folder (marker file) or one locked by a concurrent flow is skipped for the next.
-    The OS drops the lock when its process dies, even by SIGKILL.
-    """
-    relevant = settings.model_dump(exclude={"results_fp", "tracking_uri", "storage_path"})
-    key = hashlib.sha256(json.dumps([relevant, data_fingerprint], sort_keys=True, default=str).encode()).hexdigest()
-    base = f"{settings.experiment_name}-{key[:10]}"
-    storage.mkdir(parents=True, exist_ok=True)
-    attempt = 0
-    while True:
-        attempt += 1
-        path = storage / f"{base}-{attempt}"
-        if (path / COMPLETE_MARKER).exists():
-            continue
-        with open(storage / f".{path.name}.lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            yield path
-            return
-
-
 def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str):
     trainable = tune.with_parameters(
         run_trial,
@@ -177,11 +147,11 @@ def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str)
 
 
 def build_tuner(
-    data: TokenizedData, settings: TuneSettings, path: Path, tracker: TrialTracker, resume: bool
+    data: TokenizedData, settings: TuneSettings, claim: Claim, tracker: TrialTracker, resume: bool
 ) -> tune.Tuner:
-    trainable = _trainable(data, settings, str(path))
+    trainable = _trainable(data, settings, claim.uri)
     if resume:  # finished trials stay finished; unfinished and errored ones continue from their records
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(claim.uri, trainable, resume_unfinished=True, resume_errored=True)
     search = HyperOptSearch(
         points_to_evaluate=settings.initial_params, metric=METRIC, mode=MODE, random_state_seed=settings.seed
     )
@@ -202,8 +172,8 @@ def build_tuner(
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=path.name,
-            storage_path=str(path.parent),
+            name=claim.name,
+            storage_path=claim.parent,
             callbacks=[tracker],
             # No checkpoints are handed to Tune: each trial keeps its own record (tagifai/trial_store.py).
             failure_config=tune.FailureConfig(max_failures=2),
@@ -249,8 +219,9 @@ def tune_hyperparameters(
     Returns {"experiment_dir", "resumed", "trials": [one row per trial]}.
     """
     client = MlflowClient(tracking_uri)
-    with claim_experiment_dir(Path(settings.storage_path).resolve(), settings, data_fingerprint) as path:
-        resumed = tune.Tuner.can_restore(str(path))
+    with claim_experiment_dir(settings.storage_path, settings, data_fingerprint) as claim:
+        session = claim.name
+        resumed = tune.Tuner.can_restore(claim.uri)
         # Tune snapshots its experiment state (which trials exist) every >= 10 s by default. A trial
         # started after the last snapshot is unknown to a resumed experiment, which starts a new one
         # in its place and wastes the work done. Every 2 s costs a few kB written per snapshot.
@@ -258,22 +229,24 @@ def tune_hyperparameters(
         started_ray = connect_ray(settings)
         try:
             check_resources(settings)
-            tracker = TrialTracker(tracking_uri, experiment_id, session=path.name, experiment_uri=str(path))
-            results = build_tuner(data, settings, path, tracker, resume=resumed).fit()
+            tracker = TrialTracker(tracking_uri, experiment_id, session=session, experiment_uri=claim.uri)
+            results = build_tuner(data, settings, claim, tracker, resume=resumed).fit()
         finally:
-            tracking.close_session_runs(client, experiment_id, path.name)
+            tracking.close_session_runs(client, experiment_id, session)
             if started_ray:
                 ray.shutdown()
+        claim.check_held()
 
-        rows = summarize_trials(results, str(path))
+        rows = summarize_trials(results, claim.uri)
         known = {row["trial_id"] for row in rows}
-        tracking.tag_orphaned_runs(client, experiment_id, path.name, known)
+        tracking.tag_orphaned_runs(client, experiment_id, session, known)
         for row in rows:
-            runs = tracking.find_runs(client, experiment_id, path.name, row["trial_id"])
+            runs = tracking.find_runs(client, experiment_id, session, row["trial_id"])
             row["run_id"] = runs[0].info.run_id if runs else None
             row["attempts"] = len(runs)
             if row["run_id"] and row["checkpoint_dir"]:
                 tracking.log_checkpoint(client, row["run_id"], Path(row["checkpoint_dir"]))
                 tracking.log_epoch(client, row["run_id"], {"best_val_loss": row["val_loss"]}, row["epochs"])
-        (path / COMPLETE_MARKER).write_text(json.dumps(rows, indent=2, default=str))
-    return {"experiment_dir": str(path), "resumed": resumed, "trials": rows}
+        claim.check_held()
+        storage_lib.write_text(storage_lib.join(claim.uri, COMPLETE_MARKER), json.dumps(rows, indent=2, default=str))
+    return {"experiment_dir": claim.uri, "resumed": resumed, "trials": rows}

@@ -141,3 +141,31 @@ def demo_url(served, experiment):
     predictor, provenance = served
     with launched(build_app(predictor, provenance, experiment)) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API server on loopback (SeaweedFS; tests/services.py), shared by the session."""
+    from services import seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, monkeypatch, request):
+    """A fresh bucket, and the standard AWS variables pointing at its server: s3://<name>."""
+    import uuid
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback (tests/services.py), shared by the session."""
+    from services import postgresql
+
+    with postgresql() as server:
+        yield server
