@@ -81,7 +81,8 @@ def s3_client():
         read_timeout=READ_TIMEOUT_S,
         retries={"total_max_attempts": 3, "mode": "standard"},
     )
-    return boto3.client("s3", config=config)
+    # A new session reads the AWS variables now; boto3's default session keeps the first ones it saw.
+    return boto3.session.Session().client("s3", config=config)
 
 
 def endpoint_of(client) -> str:

