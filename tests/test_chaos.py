@@ -18,13 +18,15 @@ import os
 import random
 import signal
 import time
-from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 from mlflow.tracking import MlflowClient
 from test_faults import flow_command, runs_by_trial, start_flow
 
 from tagifai import tracking
+from tagifai.lease import TTL_ENV
+from tagifai.storage import open_storage
 
 pytestmark = pytest.mark.integration
 
@@ -32,25 +34,42 @@ KILLS, NUM_RUNS, NUM_EPOCHS = 5, 4, 4
 MAX_DELAY_S = 4.0
 
 
-def wait_for_a_recorded_epoch(storage: Path, since: float, process, timeout_s: float) -> bool:
+def recorded_since(storage: str, since: float) -> bool:
+    """Whether a trial record under `storage` (a folder or an s3:// URI) was written after `since`."""
+    filesystem, root = open_storage(storage)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except FileNotFoundError:
+        return False
+    return any(info.base_name == "record.json" and info.mtime.timestamp() > since for info in infos)
+
+
+def wait_for_a_recorded_epoch(storage: str, since: float, process, timeout_s: float) -> bool:
     """True once a trial record under `storage` was written after `since` (a trial of this run trained)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
-        if any(path.stat().st_mtime > since for path in storage.glob("*/trial_records/*/record.json")):
+        if recorded_since(storage, since):
             return True
         time.sleep(0.05)
     return False
 
 
-def test_flow_survives_sigkills_at_random_moments(tmp_path, tiny_backbone):
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_flow_survives_sigkills_at_random_moments(tmp_path, tiny_backbone, storage, request, monkeypatch):
+    """On a local folder and on s3:// (issue 16's guarantee where listing and deleting are slower
+    and every write is a request; the rerun takes the killed flow's lease back after its TTL)."""
     seed = int(os.environ.get("TAGIFAI_CHAOS_SEED", random.randrange(1 << 30)))
     print(f"TAGIFAI_CHAOS_SEED={seed}")
     rng = random.Random(seed)
     (tmp_path / "mlruns").mkdir()
+    storage_path = str(tmp_path / "ray_results")
+    if storage == "s3":
+        storage_path = f"s3://{request.getfixturevalue('s3_bucket')}/ray_results"
+        monkeypatch.setenv(TTL_ENV, "3")
     command = flow_command(
         tmp_path, tiny_backbone, "--experiment-name", "chaos", "--num-runs", str(NUM_RUNS),
         "--num-epochs", str(NUM_EPOCHS), "--grace-period", str(NUM_EPOCHS), "--batch-size", "4",
-        "--results-fp", str(tmp_path / "out.json"),
+        "--results-fp", str(tmp_path / "out.json"), "--storage-path", storage_path,
     )  # fmt: skip
     kills = []
     for attempt in range(KILLS):
@@ -58,7 +77,7 @@ def test_flow_survives_sigkills_at_random_moments(tmp_path, tiny_backbone):
         started = time.time()
         flow = start_flow(command, log)
         try:
-            trained = wait_for_a_recorded_epoch(tmp_path / "ray_results", started, flow, 300)
+            trained = wait_for_a_recorded_epoch(storage_path, started, flow, 300)
             assert trained, f"no trial trained (seed {seed}):\n{log.read_text()[-3000:]}"
             delay = rng.uniform(0, MAX_DELAY_S)
             time.sleep(delay)
