@@ -48,18 +48,25 @@ class TrialTracker(tune.Callback):
     finished gets no new run: its restart only reports the last epoch again.
     """
 
+    # The real URIs behind the redacted ones that are pickled: a password never reaches the
+    # experiment state in storage; the driver that restores it created a tracker with the real one.
+    _passwords_kept: dict[str, str] = {}
+
     def __init__(self, tracking_uri: str, experiment_id: str, session: str, experiment_uri: str):
         self.tracking_uri, self.experiment_id, self.session = tracking_uri, experiment_id, session
         self.experiment_uri = experiment_uri
         self._client: Optional[MlflowClient] = None
         self._runs: dict[str, str] = {}
         self._replayed: set[str] = set()
+        TrialTracker._passwords_kept[storage_lib.redact(tracking_uri)] = tracking_uri
 
     def __getstate__(self):  # Ray pickles callbacks into its experiment state; clients do not pickle
-        return {k: getattr(self, k) for k in ("tracking_uri", "experiment_id", "session", "experiment_uri")}
+        state = {k: getattr(self, k) for k in ("experiment_id", "session", "experiment_uri")}
+        return state | {"tracking_uri": storage_lib.redact(self.tracking_uri)}
 
     def __setstate__(self, state):
-        self.__init__(**state)
+        real_uri = TrialTracker._passwords_kept.get(state["tracking_uri"], state["tracking_uri"])
+        self.__init__(**(state | {"tracking_uri": real_uri}))
 
     @property
     def client(self) -> MlflowClient:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -70,3 +71,6 @@ def test_flow_evaluate_predict_and_demo_track_straight_into_postgresql(
     for run in runs:
         shown += json.dumps(run.data.params) + json.dumps(run.data.tags)
     assert postgres_server.password not in shown
+    # Nor in Ray Tune's experiment state (it pickles the MLflow callback) or the trial records.
+    for path in Path(settings.storage_path).rglob("*"):
+        assert not path.is_file() or postgres_server.password.encode() not in path.read_bytes(), path

@@ -32,3 +32,16 @@ def test_local_paths_and_uris(tmp_path):
     assert resolve("s3://bucket/prefix/") == "s3://bucket/prefix"
     assert resolve(f"file://{tmp_path}/x") == str(tmp_path / "x")
     assert join("s3://bucket/prefix/", "/study-1", "trial_records") == "s3://bucket/prefix/study-1/trial_records"
+
+
+def test_the_trial_tracker_pickles_no_password_and_gets_it_back_in_the_driver():
+    """Ray Tune pickles its callbacks into the experiment state, in the bucket."""
+    import pickle
+
+    from tagifai.tune import TrialTracker
+
+    uri = "postgresql://mlflow:hunter2@db/mlflow"
+    tracker = TrialTracker(uri, "1", "study-1", "s3://bucket/ray/study-1")
+    pickled = pickle.dumps(tracker)
+    assert b"hunter2" not in pickled and b"mlflow:***@db" in pickled
+    assert pickle.loads(pickled).tracking_uri == uri  # this process (the driver) knows the real one
