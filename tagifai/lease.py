@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Callable
 from typing import Optional
 
+from tagifai.errors import StorageError
 from tagifai.storage import s3_client, split_s3, storage_error
 
 logger = logging.getLogger(__name__)
@@ -163,4 +164,7 @@ class S3Lease:
         if self._thread is not None:
             self._thread.join()
         if not self.lost.is_set() and self.etag is not None:
-            self._put(released=True, IfMatch=self.etag)
+            try:
+                self._put(released=True, IfMatch=self.etag)
+            except StorageError as error:  # never hide the error the flow is ending with
+                logger.warning("could not release %s (it lapses after %g s): %s", self.uri, self.ttl_s, error)
