@@ -13,6 +13,10 @@ start-up. Printed per storage, as the mean over repeats:
 - trial_outside_training_s: per trial, Tune's time_total_s minus the trial's own epoch times, i.e.
   model set-up, reporting and the crash-safe record/checkpoint writes (tagifai/trial_store.py);
 - readback_s: the driver reading each trial's record and downloading its best checkpoint.
+
+Then each storage operation alone, with one of those real checkpoints (median seconds): an epoch
+that writes a new best checkpoint, one that does not, reading a record, downloading a checkpoint,
+the completion marker, and (s3) claiming and releasing a folder's lease.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -84,6 +89,44 @@ def one_study(data, settings, tracking_uri: str, fingerprint: str) -> dict:
     }
 
 
+def claim_and_release(lease) -> None:
+    assert lease.acquire()
+    lease.release()
+
+
+def storage_operations(checkpoint: Path, experiment_uri: str, repeats: int) -> dict:
+    """Seconds per storage operation of a trial and of the driver, with a real checkpoint folder:
+    the same calls the trials make, timed alone (the study times above carry the machine's noise)."""
+    from tagifai import storage
+    from tagifai.trial_store import TrialStore
+
+    def save(folder: Path) -> None:
+        shutil.copytree(checkpoint, folder, dirs_exist_ok=True)
+
+    timings: dict[str, list[float]] = {}
+
+    def timed(name: str, action, *args):
+        started = time.perf_counter()
+        result = action(*args)
+        timings.setdefault(name, []).append(time.perf_counter() - started)
+        return result
+
+    for repeat in range(repeats):
+        store = TrialStore(experiment_uri, f"ops-{repeat}")
+        first, second = {"epoch": 1, "val_loss": 0.9}, {"epoch": 2, "val_loss": 0.95}
+        timed("epoch_with_new_best_checkpoint_s", store.record_epoch, first, save, False)
+        timed("epoch_without_checkpoint_s", store.record_epoch, second, None, False)
+        record = timed("read_record_s", store.read)
+        with tempfile.TemporaryDirectory() as download:
+            timed("download_best_checkpoint_s", store.local_checkpoint, record.best_checkpoint, Path(download))
+        timed("write_marker_s", storage.write_text, storage.join(experiment_uri, f"marker-{repeat}.json"), "[]")
+        if storage.is_remote(experiment_uri):
+            from tagifai.lease import S3Lease
+
+            timed("claim_and_release_s", claim_and_release, S3Lease(storage.join(experiment_uri, f".lease-{repeat}")))
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.storage_overhead", description=__doc__)
     parser.add_argument("--repeats", type=int, default=2, help="studies per storage, alternating")
@@ -126,10 +169,20 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 figures[storage].append(one_study(tokenized, settings, tracking_uri, f"overhead-{repeat}"))
                 print(storage, repeat, json.dumps(figures[storage][-1]), flush=True)
+        checkpoint = next((workdir / "ray_results").glob("*/trial_records/*/checkpoint-*"))
+        checkpoint_mb = sum(f.stat().st_size for f in checkpoint.iterdir()) / 1e6
+        operations = {
+            "local": storage_operations(checkpoint, str(workdir / "operations"), 2 * options.repeats),
+            "s3": storage_operations(checkpoint, f"s3://{bucket}/operations", 2 * options.repeats),
+        }
+        print("operations", json.dumps(operations), flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
     summary = {
         storage: {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
         for storage, runs in figures.items()
     }
+    summary["operations"] = operations
+    summary["checkpoint_mb"] = round(checkpoint_mb, 1)
     summary["added_by_s3"] = {key: summary["s3"][key] - summary["local"][key] for key in summary["local"]}
     summary["runs"] = figures
     summary["setup"] = {
@@ -140,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": options.repeats,
         "s3_server": "SeaweedFS (weed mini) on loopback",
     }
-    print(json.dumps({k: summary[k] for k in ("local", "s3", "added_by_s3", "setup")}, indent=2))
+    shown = ("local", "s3", "added_by_s3", "operations", "checkpoint_mb", "setup")
+    print(json.dumps({k: summary[k] for k in shown}, indent=2))
     if options.out:
         Path(options.out).write_text(json.dumps(summary, indent=2))
     return summary
