@@ -30,6 +30,7 @@ from tagifai.data import TEXT_COLUMNS, parse_table
 from tagifai.errors import DataError, UserError
 from tagifai.predict import Predictor
 from tagifai.settings import DEFAULT_EXPERIMENT_NAME, DEFAULT_MODEL_NAME
+from tagifai.storage import redact
 
 MAX_FIELD_CHARS = 5_000  # far beyond the tokenizer's max_length; keeps huge pastes cheap
 MAX_UPLOAD_SIZE = "5mb"
@@ -305,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(f"error: {error}")
     provenance = holder.current.provenance
     following = f"; following the champion every {args.reload_interval:g} s" if holder.follows else ""
-    print(f"serving run {provenance.run_id} ({provenance.chosen_by}) from {tracking_uri}{following}")
+    print(f"serving run {provenance.run_id} ({provenance.chosen_by}) from {redact(tracking_uri)}{following}")
     holder.start()
     try:
         build_app(holder, args.max_scoring_seconds).launch(

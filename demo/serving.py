@@ -20,6 +20,7 @@ from demo.experiment import Experiment, load_experiment
 from tagifai import registry, tracking
 from tagifai.errors import TrackingError
 from tagifai.predict import Predictor
+from tagifai.storage import redact
 
 logger = logging.getLogger(__name__)
 TRAIN_COMMAND = "python -m flows.tune"
@@ -141,7 +142,7 @@ def load_served(
         run = client.get_run(run_id)
     except MlflowException:
         raise TrackingError(
-            f"MLflow run {run_id!r} does not exist in {tracking_uri}; check the id "
+            f"MLflow run {run_id!r} does not exist in {redact(tracking_uri)}; check the id "
             "(mlflow ui lists the runs) or leave out --run-id to serve the best run"
         ) from None
     with tempfile.TemporaryDirectory(prefix="tagifai-demo-") as folder:

@@ -25,6 +25,7 @@ from tagifai.model import check_backbone
 from tagifai.progress import format_params
 from tagifai.promotion import GateRules
 from tagifai.settings import TuneSettings, training_fingerprint
+from tagifai.storage import check_storage, redact
 from tasks.cache import key
 from tasks.evaluate import evaluate_challenger, log_evaluation
 from tasks.load import load_data
@@ -64,6 +65,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     timings = {"flow_started_at": time.time()}
     tracking_uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tracking.check_reachable(tracking_uri)
+    check_storage(settings.storage_path)
     check_backbone(settings.model, settings.trainable_layers)
     load_checks(settings.behavioural_checks)  # a bad checks file stops the run now, not after tuning
     client = MlflowClient(tracking_uri)
@@ -102,11 +104,13 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     )  # fmt: skip
 
     # The store is written only once the inputs are known to be good: bad data leaves no trace.
-    experiment_id = tracking.get_or_create_experiment(client, settings.experiment_name, tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(
+        client, settings.experiment_name, tracking_uri, settings.artifact_location
+    )
     study_settings = starting_from_champion(settings, client, champion)
     logger.info(
         "tuning: %d trials x up to %d epochs, %d at a time; MLflow %s, experiment %r",
-        settings.num_runs, settings.num_epochs, settings.max_concurrent, tracking_uri, settings.experiment_name,
+        settings.num_runs, settings.num_epochs, settings.max_concurrent, redact(tracking_uri), settings.experiment_name,
     )  # fmt: skip
     timings["data_s"] = time.time() - timings["flow_started_at"]
     tuning_started = time.time()
@@ -137,7 +141,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
         "skipped": False,
         "run_id": best["run_id"],
         "experiment_name": settings.experiment_name,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact(tracking_uri),
         "registered_model": settings.registered_model_name,
         "model_version": version,
         "params": best["params"],

@@ -26,3 +26,7 @@ class TrackingError(UserError, RuntimeError):
 
 class ResourceError(UserError, RuntimeError):
     """A trial asks for more than the Ray cluster has: it would stay PENDING forever."""
+
+
+class StorageError(UserError, RuntimeError):
+    """The --storage-path cannot be used (object store unreachable, bucket missing, credentials refused)."""

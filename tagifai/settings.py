@@ -77,7 +77,16 @@ class TuneSettings(BaseModel):
         None,
         description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns.",
     )
-    storage_path: str = Field("ray_results", description="Folder for Ray Tune experiment state (resume).")
+    storage_path: str = Field(
+        "ray_results",
+        description="Ray Tune experiment state and trial checkpoints (resume): a folder, or s3://bucket/prefix "
+        "reached through AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.",
+    )
+    artifact_location: Optional[str] = Field(
+        None,
+        description="Artifact root of a new MLflow experiment when tracking straight into a database "
+        "(postgresql://...), e.g. s3://bucket/mlflow; an mlflow server and SQLite choose their own.",
+    )
     registered_model_name: str = Field(DEFAULT_MODEL_NAME, description="MLflow registered model for the best run.")
     seed: int = Field(DEFAULT_SEED, description="Seed for the split, the search and the training.")
     results_fp: Optional[str] = Field(None, description="Write the run's JSON summary to this file.")
@@ -143,9 +152,9 @@ class TuneSettings(BaseModel):
 
 # Options that change where results go or how the champion is chosen, not what is trained.
 NOT_TRAINING = {
-    "results_fp", "tracking_uri", "storage_path", "refresh_cache", "min_improvement", "max_class_drop",
-    "force_promote", "behavioural_checks", "skip_if_unchanged", "experiment_name", "registered_model_name",
-    "verbose", "json_output",
+    "results_fp", "tracking_uri", "storage_path", "artifact_location", "refresh_cache", "min_improvement",
+    "max_class_drop", "force_promote", "behavioural_checks", "skip_if_unchanged", "experiment_name",
+    "registered_model_name", "verbose", "json_output",
 }  # fmt: skip
 
 

@@ -19,7 +19,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tagifai.database import check_database, is_database, prepare_database_store
 from tagifai.errors import TrackingError
+from tagifai.storage import redact
 
 DEFAULT_STORE_DIR = "mlruns"
 TAG_SESSION = "tagifai.tuning_session"
@@ -40,9 +42,10 @@ def configured_tracking_uri(tracking_uri: Optional[str]) -> str:
 
 
 def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
-    """The configured URI, with a SQLite store created (safely) if it does not exist yet."""
+    """The configured URI, with a SQLite or PostgreSQL store created (safely) if it does not exist yet."""
     uri = configured_tracking_uri(tracking_uri)
     prepare_sqlite_store(uri)
+    prepare_database_store(uri)
     return uri
 
 
@@ -65,8 +68,24 @@ def local_artifact_root(tracking_uri: str) -> Optional[str]:
     return None
 
 
+def artifact_root(tracking_uri: str, artifact_location: Optional[str]) -> Optional[str]:
+    """Where a new experiment keeps its artifacts. Tracking straight into a database, MLflow's
+    default is ./mlruns of whichever machine logs: unreadable elsewhere, so one must be named."""
+    if artifact_location:
+        return artifact_location
+    if is_database(tracking_uri):
+        raise TrackingError(
+            f"tracking straight into {redact(tracking_uri)} needs a shared place for artifacts: pass "
+            "--artifact-location s3://bucket/mlflow (or use an mlflow server with --artifacts-destination)"
+        )
+    return local_artifact_root(tracking_uri)
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
-    """Fail before any training when an MLflow server does not answer."""
+    """Fail before any training when an MLflow server or database does not answer."""
+    if is_database(tracking_uri):
+        check_database(tracking_uri)
+        return
     if not tracking_uri.startswith(("http://", "https://")):
         return
     url = tracking_uri.rstrip("/") + "/health"
@@ -80,19 +99,22 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     except (urllib.error.URLError, TimeoutError, OSError) as error:
         reason = str(getattr(error, "reason", error))
     raise TrackingError(
-        f"MLflow tracking server {tracking_uri} is not reachable ({reason}); start it "
+        f"MLflow tracking server {redact(tracking_uri)} is not reachable ({reason}); start it "
         "(mlflow server --host 127.0.0.1 --port 5000) or pass a reachable --tracking-uri"
     )
 
 
-def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+def get_or_create_experiment(
+    client: MlflowClient, name: str, tracking_uri: str, artifact_location: Optional[str] = None
+) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
+    location = artifact_root(tracking_uri, artifact_location)
     try:
-        return client.create_experiment(name, artifact_location=local_artifact_root(tracking_uri))
+        return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created meanwhile by a concurrent flow
         return client.get_experiment_by_name(name).experiment_id
 
@@ -209,7 +231,7 @@ def download_checkpoint(client: MlflowClient, run_id: str, destination: Optional
     try:
         client.get_run(run_id)
     except MlflowException:
-        raise TrackingError(f"MLflow run {run_id!r} does not exist in {client.tracking_uri}") from None
+        raise TrackingError(f"MLflow run {run_id!r} does not exist in {redact(client.tracking_uri)}") from None
     destination = destination or Path(tempfile.mkdtemp(prefix="tagifai-checkpoint-"))
     try:
         local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(destination))

@@ -33,21 +33,11 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
+from tagifai.storage import join, open_storage
+
 RECORD_FILE = "record.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 RECORDS_DIR = "trial_records"
-
-
-def open_storage(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local folder or a URI pyarrow knows (s3://bucket/prefix, gs://...).
-    S3-compatible servers are reached through the standard AWS variables (AWS_ENDPOINT_URL, ...)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
-def join(*parts: str) -> str:
-    return "/".join(part.strip("/") if i else part.rstrip("/") for i, part in enumerate(parts))
 
 
 @dataclass

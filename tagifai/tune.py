@@ -7,13 +7,10 @@ through the object store once (`tune.with_parameters`). MLflow is written from t
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -25,9 +22,11 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
 from tagifai import progress, search_space, tracking
+from tagifai import storage as storage_lib
+from tagifai.claim import COMPLETE_MARKER, Claim, claim_experiment_dir
 from tagifai.errors import ResourceError
 from tagifai.ray_output import ray_logs_to, worker_output_to
-from tagifai.settings import TuneSettings, training_fingerprint
+from tagifai.settings import TuneSettings
 from tagifai.train import TokenizedData
 from tagifai.trial import run_trial
 from tagifai.trial_store import TrialRecord, TrialStore, checkpoint_epoch
@@ -35,7 +34,6 @@ from tagifai.trial_store import TrialRecord, TrialStore, checkpoint_epoch
 logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_loss", "min"
-COMPLETE_MARKER = "tuning_complete.json"
 TRIAL_DIR_PREFIX = "trial_"
 RAY_LOG_FILE = "ray.log"  # Ray's and the trials' own output, unless --verbose
 SNAPSHOT_PERIOD_S = 2
@@ -54,18 +52,25 @@ class TrialTracker(tune.Callback):
     finished gets no new run: its restart only reports the last epoch again.
     """
 
+    # The real URIs behind the redacted ones that are pickled: a password never reaches the
+    # experiment state in storage; the driver that restores it created a tracker with the real one.
+    _passwords_kept: dict[str, str] = {}
+
     def __init__(self, tracking_uri: str, experiment_id: str, session: str, experiment_uri: str):
         self.tracking_uri, self.experiment_id, self.session = tracking_uri, experiment_id, session
         self.experiment_uri = experiment_uri
         self._client: Optional[MlflowClient] = None
         self._runs: dict[str, str] = {}
         self._replayed: set[str] = set()
+        TrialTracker._passwords_kept[storage_lib.redact(tracking_uri)] = tracking_uri
 
     def __getstate__(self):  # Ray pickles callbacks into its experiment state; clients do not pickle
-        return {k: getattr(self, k) for k in ("tracking_uri", "experiment_id", "session", "experiment_uri")}
+        state = {k: getattr(self, k) for k in ("experiment_id", "session", "experiment_uri")}
+        return state | {"tracking_uri": storage_lib.redact(self.tracking_uri)}
 
     def __setstate__(self, state):
-        self.__init__(**state)
+        real_uri = TrialTracker._passwords_kept.get(state["tracking_uri"], state["tracking_uri"])
+        self.__init__(**(state | {"tracking_uri": real_uri}))
 
     @property
     def client(self) -> MlflowClient:
@@ -138,31 +143,13 @@ def check_resources(settings: TuneSettings) -> None:
             )
 
 
-@contextlib.contextmanager
-def claim_experiment_dir(storage: Path, settings: TuneSettings, data_fingerprint: str) -> Iterator[Path]:
-    """A stable folder per (data, settings), locked while in use.
-
-    An interrupted run leaves its folder unfinished and unlocked, so the same command resumes it;
-    a finished folder (marker file) or one locked by a concurrent flow is skipped for the next.
-    The OS drops the lock when its process dies, even by SIGKILL.
-    """
-    parts = [training_fingerprint(settings), settings.experiment_name, data_fingerprint]
-    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-    base = f"{settings.experiment_name}-{key[:10]}"
-    storage.mkdir(parents=True, exist_ok=True)
-    attempt = 0
-    while True:
-        attempt += 1
-        path = storage / f"{base}-{attempt}"
-        if (path / COMPLETE_MARKER).exists():
-            continue
-        with open(storage / f".{path.name}.lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            yield path
-            return
+def ray_log_file(claim: Claim) -> Path:
+    """Ray's log beside the experiment for a local folder; under the local cache for a remote one,
+    since Ray's loggers write files, not objects."""
+    if not storage_lib.is_remote(claim.uri):
+        return Path(claim.uri) / RAY_LOG_FILE
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tagifai" / "logs" / claim.name / RAY_LOG_FILE
 
 
 def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str):
@@ -180,11 +167,11 @@ def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str)
 
 
 def build_tuner(
-    data: TokenizedData, settings: TuneSettings, path: Path, tracker: TrialTracker, resume: bool
+    data: TokenizedData, settings: TuneSettings, claim: Claim, tracker: TrialTracker, resume: bool
 ) -> tune.Tuner:
-    trainable = _trainable(data, settings, str(path))
+    trainable = _trainable(data, settings, claim.uri)
     if resume:  # finished trials stay finished; unfinished and errored ones continue from their records
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(claim.uri, trainable, resume_unfinished=True, resume_errored=True)
     search = HyperOptSearch(
         points_to_evaluate=settings.initial_params, metric=METRIC, mode=MODE, random_state_seed=settings.seed
     )
@@ -206,8 +193,8 @@ def build_tuner(
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=path.name,
-            storage_path=str(path.parent),
+            name=claim.name,
+            storage_path=claim.parent,
             callbacks=[tracker, progress.StudyProgress(settings.num_runs, settings.num_epochs)],
             # No checkpoints are handed to Tune: each trial keeps its own record (tagifai/trial_store.py).
             failure_config=tune.FailureConfig(max_failures=2),
@@ -270,8 +257,9 @@ def tune_hyperparameters(
     Returns {"experiment_dir", "resumed", "trials": [one row per trial], "log_file"}.
     """
     client = MlflowClient(tracking_uri)
-    with claim_experiment_dir(Path(settings.storage_path).resolve(), settings, data_fingerprint) as path:
-        resumed = tune.Tuner.can_restore(str(path))
+    with claim_experiment_dir(settings.storage_path, settings, data_fingerprint) as claim:
+        session = claim.name
+        resumed = tune.Tuner.can_restore(claim.uri)
         # Tune snapshots its experiment state (which trials exist) every >= 10 s by default. A trial
         # started after the last snapshot is unknown to a resumed experiment, which starts a new one
         # in its place and wastes the work done. Every 2 s costs a few kB written per snapshot.
@@ -279,31 +267,33 @@ def tune_hyperparameters(
         # A worker reused for the next trial first waits for the stopped trial's thread; trials
         # leave within one batch (trial.stop_requested), which can exceed Tune's 2 s on a slow CPU.
         os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
-        log_file = path / RAY_LOG_FILE
+        log_file = ray_log_file(claim)
         if not settings.verbose:
             announce(f"Ray and trial logs: {log_file}")
         with ray_logs_to(log_file, settings.verbose):
             started_ray = connect_ray(settings)
             try:
                 check_resources(settings)
-                tracker = TrialTracker(tracking_uri, experiment_id, session=path.name, experiment_uri=str(path))
-                tuner = build_tuner(data, settings, path, tracker, resume=resumed)
+                tracker = TrialTracker(tracking_uri, experiment_id, session=session, experiment_uri=claim.uri)
+                tuner = build_tuner(data, settings, claim, tracker, resume=resumed)
                 with worker_output_to(log_file, settings.verbose), progress.showing(display):
                     results = tuner.fit()
             finally:
-                tracking.close_session_runs(client, experiment_id, path.name)
+                tracking.close_session_runs(client, experiment_id, session)
                 if started_ray:
                     ray.shutdown()
+        claim.check_held()
 
-        rows = summarize_trials(results, str(path))
+        rows = summarize_trials(results, claim.uri)
         known = {row["trial_id"] for row in rows}
-        tracking.tag_orphaned_runs(client, experiment_id, path.name, known)
+        tracking.tag_orphaned_runs(client, experiment_id, session, known)
         for row in rows:
-            runs = tracking.find_runs(client, experiment_id, path.name, row["trial_id"])
+            runs = tracking.find_runs(client, experiment_id, session, row["trial_id"])
             row["run_id"] = runs[0].info.run_id if runs else None
             row["attempts"] = len(runs)
             if row["run_id"] and row["checkpoint_dir"]:
                 tracking.log_checkpoint(client, row["run_id"], Path(row["checkpoint_dir"]))
                 tracking.log_epoch(client, row["run_id"], {"best_val_loss": row["val_loss"]}, row["epochs"])
-        (path / COMPLETE_MARKER).write_text(json.dumps(rows, indent=2, default=str))
-    return {"experiment_dir": str(path), "resumed": resumed, "trials": rows, "log_file": str(log_file)}
+        claim.check_held()
+        storage_lib.write_text(storage_lib.join(claim.uri, COMPLETE_MARKER), json.dumps(rows, indent=2, default=str))
+    return {"experiment_dir": claim.uri, "resumed": resumed, "trials": rows, "log_file": str(log_file)}

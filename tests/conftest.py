@@ -156,3 +156,32 @@ def demo_url(served):
 
     with launched(build_app(ModelHolder(served))) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API server on loopback (SeaweedFS; tests/services.py), shared by the session."""
+    from services import seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, monkeypatch, request):
+    """A fresh bucket, and the standard AWS variables pointing at its server: s3://<name>."""
+    import uuid
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback (tests/services.py), shared by the session."""
+    from services import postgresql
+
+    skip_if_setup_could_not_install("postgresql")
+    with postgresql() as server:
+        yield server

@@ -159,7 +159,9 @@ def run_deployment(stack: Stack, name: str, settings: dict, timeout_s: float):
 def tuning_run(stack, tiny_backbone, tmp_path_factory):
     """One run of the tuning deployment with tiny settings, tracked in the MLflow server."""
     workdir = tmp_path_factory.mktemp("deployed-tuning")
-    settings = tiny_settings(workdir, tiny_backbone, tracking_uri=stack.mlflow_url)
+    settings = tiny_settings(
+        workdir, tiny_backbone, tracking_uri=stack.mlflow_url, force_promote=True
+    )  # gate: test_lifecycle
     flow_run = run_deployment(stack, TUNE, settings.model_dump(mode="json", exclude_unset=True), TUNE_RUN_S)
     return flow_run, json.loads(Path(settings.results_fp).read_text())
 

@@ -19,6 +19,7 @@ its worker processes) stops this cluster and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -42,6 +44,14 @@ HEAD_START_S, TUNE_RUN_S = 180, 600
 @pytest.fixture(scope="module")
 def ray_head():
     """A one-node Ray cluster (2 CPUs, GCS on a free port); yields its address and temp folder."""
+    with ray_cluster() as head:
+        yield head
+
+
+@contextlib.contextmanager
+def ray_cluster(extra_env: Optional[dict] = None):
+    """`ray start --head` in a session of its own; `extra_env` reaches its workers (e.g. the AWS
+    variables, as a user sets them on every node). Yields its address and temp folder."""
     # Short on purpose: Ray puts unix sockets under it, and socket paths are limited to 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     log_path = temp_dir / "head.log"
@@ -65,7 +75,7 @@ def ray_head():
         "--disable-usage-stats",
     ]
     # Token authentication off, as on the driver below (with it on, a driver needs RAY_AUTH_MODE=token).
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", **(extra_env or {}))
     env.pop("RAY_ADDRESS", None)
     try:
         # Ray drains for up to 30 s on SIGTERM; nothing here needs draining.
@@ -84,6 +94,8 @@ def as_cli_arguments(settings) -> list[str]:
     """The `python -m flows.tune` options for the explicitly set fields of a TuneSettings."""
     arguments = []
     for name, value in settings.model_dump(mode="json", exclude_unset=True).items():
+        if name == "trainable_layers" and value is None:  # the settings hold "all" as None
+            value = "all"
         arguments += ["--" + name.replace("_", "-"), json.dumps(value) if isinstance(value, list) else str(value)]
     return arguments
 

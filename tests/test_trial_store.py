@@ -1,5 +1,7 @@
 """A trial's record stays consistent wherever the process dies: at each step of an update (made to
-fail on purpose), and under SIGKILL at random moments of a real writer process."""
+fail on purpose), and under SIGKILL at random moments of a real writer process. Every test runs on
+a local folder and on an s3:// bucket of a real S3 server (tests/services.py): the object-store
+paths (one PUT per record, copied checkpoint folders, prefix listings and deletes) run for real."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from tagifai.trial_store import TrialStore
@@ -43,27 +47,41 @@ def assert_consistent(store: TrialStore) -> None:
     assert name == record.best_checkpoint
     if name is None:
         return
-    folder = store.local_checkpoint(name)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(CHECKPOINT_FILES)
-    saved_epoch = json.loads((folder / "classifier.json").read_text())["epoch"]
+    with tempfile.TemporaryDirectory() as download:
+        folder = store.local_checkpoint(name, Path(download))
+        assert sorted(p.name for p in folder.iterdir()) == sorted(CHECKPOINT_FILES)
+        saved_epoch = json.loads((folder / "classifier.json").read_text())["epoch"]
+        weights = (folder / "model.safetensors").read_bytes()[:1]
     assert saved_epoch == record.last_checkpoint_epoch
-    assert (folder / "model.safetensors").read_bytes()[:1] == bytes([saved_epoch % 256])
+    assert weights == bytes([saved_epoch % 256])
     assert min(record.epochs, key=lambda m: m["val_loss"])["epoch"] == saved_epoch
 
 
-def test_best_checkpoint_only_is_kept_and_epochs_accumulate(tmp_path):
-    store = TrialStore(str(tmp_path), "t1")
+@pytest.fixture(params=["local", "s3"])
+def experiment_uri(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "experiment")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/studies/experiment"
+
+
+def names(store: TrialStore) -> list[str]:
+    """What the trial's folder holds (folders and files), on any storage."""
+    return sorted(info.base_name for info in store.filesystem.get_file_info(pafs.FileSelector(store.path)))
+
+
+def test_best_checkpoint_only_is_kept_and_epochs_accumulate(experiment_uri):
+    store = TrialStore(experiment_uri, "t1")
     store.record_epoch(metrics(1, 0.9), fake_save(1), finished=False)
     store.record_epoch(metrics(2, 0.95), None, finished=False)
     record = store.record_epoch(metrics(3, 0.5), fake_save(3), finished=True)
     assert [m["epoch"] for m in record.epochs] == [1, 2, 3] and record.finished
     assert record.best_checkpoint == "checkpoint-000003"
-    assert sorted(p.name for p in Path(store.path).iterdir()) == ["checkpoint-000003", "record.json"]
+    assert names(store) == ["checkpoint-000003", "record.json"]
     assert_consistent(store)
 
 
-def test_a_resumed_attempt_replaces_the_epochs_it_redoes(tmp_path):
-    store = TrialStore(str(tmp_path), "t1")
+def test_a_resumed_attempt_replaces_the_epochs_it_redoes(experiment_uri):
+    store = TrialStore(experiment_uri, "t1")
     store.record_epoch(metrics(1, 0.9), fake_save(1), finished=False)
     store.record_epoch(metrics(2, 0.8), fake_save(2), finished=False)
     store.record_epoch(metrics(3, 0.85), None, finished=False)  # killed after this; resumes from epoch 2
@@ -73,8 +91,8 @@ def test_a_resumed_attempt_replaces_the_epochs_it_redoes(tmp_path):
 
 
 @pytest.mark.parametrize("dies_in", ["checkpoint write", "record replace", "old checkpoint removal"])
-def test_dying_at_any_step_of_an_update_leaves_a_usable_record(tmp_path, monkeypatch, dies_in):
-    store = TrialStore(str(tmp_path), "t1")
+def test_dying_at_any_step_of_an_update_leaves_a_usable_record(experiment_uri, dies_in):
+    store = TrialStore(experiment_uri, "t1")
     store.record_epoch(metrics(1, 0.9), fake_save(1), finished=False)
 
     class Killed(BaseException):
@@ -87,40 +105,35 @@ def test_dying_at_any_step_of_an_update_leaves_a_usable_record(tmp_path, monkeyp
     if dies_in == "checkpoint write":
 
         def save(folder: Path) -> None:  # the weights never arrive
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
             (folder / "classifier.json").write_text(json.dumps({"epoch": 2}))
             raise Killed
 
-    elif dies_in == "record replace":
-        monkeypatch.setattr(store, "_replace_record", die)
-    else:
-        monkeypatch.setattr(store, "_remove_other_checkpoints", die)
-    with pytest.raises(Killed):
-        store.record_epoch(metrics(2, 0.5), save, finished=False)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:  # not `monkeypatch`: its undo() would drop the AWS variables too
+        if dies_in == "record replace":
+            patch.setattr(store, "_replace_record", die)
+        elif dies_in == "old checkpoint removal":
+            patch.setattr(store, "_remove_other_checkpoints", die)
+        with pytest.raises(Killed):
+            store.record_epoch(metrics(2, 0.5), save, finished=False)
 
     assert_consistent(store)
     expected = "checkpoint-000002" if dies_in == "old checkpoint removal" else "checkpoint-000001"
     assert store.read().best_checkpoint == expected
     # The next update (the resumed attempt) clears what the dead one left behind.
     store.record_epoch(metrics(3, 0.4), fake_save(3), finished=True)
-    assert sorted(p.name for p in Path(store.path).iterdir()) == ["checkpoint-000003", "record.json"]
+    assert names(store) == ["checkpoint-000003", "record.json"]
     assert_consistent(store)
 
 
-def test_a_vanished_best_checkpoint_falls_back_to_the_newest_that_exists(tmp_path):
-    store = TrialStore(str(tmp_path), "t1")
+def test_a_vanished_best_checkpoint_falls_back_to_the_newest_that_exists(experiment_uri):
+    store = TrialStore(experiment_uri, "t1")
     store.record_epoch(metrics(1, 0.9), fake_save(1), finished=False)
     record = store.record_epoch(metrics(2, 0.5), fake_save(2), finished=False)
-    older = Path(store.path) / "checkpoint-000001"
-    fake_save(1)(older)  # an older folder that happens to exist
-    for file in (Path(store.path) / "checkpoint-000002").iterdir():
-        file.unlink()
-    (Path(store.path) / "checkpoint-000002").rmdir()
+    store._write_checkpoint(fake_save(1), "checkpoint-000001")  # an older folder that happens to exist
+    store.filesystem.delete_dir(f"{store.path}/checkpoint-000002")
     assert store.checkpoint_to_use(record) == "checkpoint-000001"
-    (older / "model.safetensors").unlink()
-    (older / "classifier.json").unlink()
-    older.rmdir()
+    store.filesystem.delete_dir(f"{store.path}/checkpoint-000001")
     assert store.checkpoint_to_use(record) is None
 
 
@@ -141,7 +154,7 @@ print("done", flush=True)
 """
 
 
-def test_sigkill_at_random_moments_never_leaves_an_unusable_record(tmp_path):
+def test_sigkill_at_random_moments_never_leaves_an_unusable_record(tmp_path, experiment_uri):
     """A real writer process killed 25 times at random delays (seed printed for replay)."""
     seed = int(os.environ.get("TAGIFAI_CHAOS_SEED", random.randrange(1 << 30)))
     print(f"TAGIFAI_CHAOS_SEED={seed}")
@@ -149,10 +162,10 @@ def test_sigkill_at_random_moments_never_leaves_an_unusable_record(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    store = TrialStore(str(tmp_path / "store"), "t1")
+    store = TrialStore(experiment_uri, "t1")
     for kill in range(25):
         writer = subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / "store"), "400", str(Path(__file__).parent)],
+            [sys.executable, str(script), experiment_uri, "400", str(Path(__file__).parent)],
             env=env,
             stdout=subprocess.PIPE,
         )
