@@ -10,6 +10,7 @@ decides whether the new model replaces the champion (tasks/promote.py).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -166,6 +167,8 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
         "timings": timings,
     }
     publish_best_run(summary)
+    if study["downloads"]:  # local copies of remote checkpoints: MLflow holds them now
+        shutil.rmtree(study["downloads"], ignore_errors=True)
     timings["evaluation_s"] = time.time() - tuning_started - timings["tuning_s"]
     write_results(settings, summary)
     logger.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -143,13 +144,14 @@ def check_resources(settings: TuneSettings) -> None:
             )
 
 
-def ray_log_file(claim: Claim) -> Path:
-    """Ray's log beside the experiment for a local folder; under the local cache for a remote one,
-    since Ray's loggers write files, not objects."""
+def local_study_dir(claim: Claim) -> Path:
+    """The study's local files (Ray's log, downloaded checkpoints): its folder for local storage;
+    for a remote one, a folder under the local cache, since Ray's loggers and the checkpoint
+    loader read and write files, not objects."""
     if not storage_lib.is_remote(claim.uri):
-        return Path(claim.uri) / RAY_LOG_FILE
+        return Path(claim.uri)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "tagifai" / "logs" / claim.name / RAY_LOG_FILE
+    return cache / "tagifai" / "studies" / claim.name
 
 
 def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str):
@@ -217,9 +219,9 @@ def trial_id_of(result) -> str:
     return (result.metrics or {}).get("trial_id") or name  # a study begun before folders were named so
 
 
-def summarize_trials(results, experiment_uri: str) -> list[dict]:
+def summarize_trials(results, experiment_uri: str, downloads: Path) -> list[dict]:
     """One row per trial, from its own record: val_loss and F1 of its best checkpoint, epochs run,
-    status, and the checkpoint as a local folder."""
+    status, and the checkpoint as a local folder (downloaded under `downloads` from remote storage)."""
     rows = []
     for result in results:
         trial_id = trial_id_of(result)
@@ -235,7 +237,7 @@ def summarize_trials(results, experiment_uri: str) -> list[dict]:
                 "val_f1": best["val_f1"] if best else None,
                 "epochs": record.epochs[-1]["epoch"] if record.epochs else 0,
                 "status": "completed" if record.finished else ("error" if result.error else "pruned"),
-                "checkpoint_dir": str(store.local_checkpoint(checkpoint)) if best else None,
+                "checkpoint_dir": str(store.local_checkpoint(checkpoint, downloads / trial_id)) if best else None,
             }
         )
     return rows
@@ -267,7 +269,7 @@ def tune_hyperparameters(
         # A worker reused for the next trial first waits for the stopped trial's thread; trials
         # leave within one batch (trial.stop_requested), which can exceed Tune's 2 s on a slow CPU.
         os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
-        log_file = ray_log_file(claim)
+        log_file = local_study_dir(claim) / RAY_LOG_FILE
         if not settings.verbose:
             announce(f"Ray and trial logs: {log_file}")
         with ray_logs_to(log_file, settings.verbose):
@@ -284,7 +286,9 @@ def tune_hyperparameters(
                     ray.shutdown()
         claim.check_held()
 
-        rows = summarize_trials(results, claim.uri)
+        downloads = local_study_dir(claim) / "checkpoints"
+        shutil.rmtree(downloads, ignore_errors=True)  # from an earlier, interrupted summary
+        rows = summarize_trials(results, claim.uri, downloads)
         known = {row["trial_id"] for row in rows}
         tracking.tag_orphaned_runs(client, experiment_id, session, known)
         for row in rows:
@@ -296,4 +300,12 @@ def tune_hyperparameters(
                 tracking.log_epoch(client, row["run_id"], {"best_val_loss": row["val_loss"]}, row["epochs"])
         claim.check_held()
         storage_lib.write_text(storage_lib.join(claim.uri, COMPLETE_MARKER), json.dumps(rows, indent=2, default=str))
-    return {"experiment_dir": claim.uri, "resumed": resumed, "trials": rows, "log_file": str(log_file)}
+    return {
+        "experiment_dir": claim.uri,
+        "resumed": resumed,
+        "trials": rows,
+        "log_file": str(log_file),
+        # Checkpoints copied from remote storage (~90 MB each with the default backbone), for the
+        # caller to delete once it has evaluated the best; None when they are the storage's own.
+        "downloads": str(downloads) if storage_lib.is_remote(claim.uri) else None,
+    }

@@ -108,6 +108,9 @@ def test_flow_tracks_into_postgresql_keeps_checkpoints_in_s3_and_the_demo_serves
         weights = [k for k in keys if k.startswith(f"{folder}/trial_records/{trial['trial_id']}/checkpoint-")]
         assert [k for k in weights if k.endswith("/model.safetensors")], (trial["trial_id"], weights)
     assert f"{folder}/tuning_complete.json" in keys and any(k.startswith(f"{folder}/experiment_state") for k in keys)
+    # The local copies of the trials' checkpoints (for MLflow and the evaluation) are gone; Ray's log stays.
+    study = Path(os.environ["XDG_CACHE_HOME"]) / "tagifai" / "studies" / folder.rsplit("/", 1)[1]
+    assert (study / "ray.log").is_file() and not (study / "checkpoints").exists(), sorted(study.rglob("*"))
     # MLflow's artifacts went through the server into the bucket.
     best_checkpoint = [k for k in keys if k.startswith("mlflow/") and summary["run_id"] in k and "checkpoint/" in k]
     assert any(k.endswith("model.safetensors") for k in best_checkpoint), best_checkpoint
