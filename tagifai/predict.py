@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -102,4 +103,5 @@ def load_run_predictor(
 
     client = MlflowClient(tracking_uri)
     run_id = run_id or tracking.best_run_id(client, experiment_name)
-    return Predictor(tracking.download_checkpoint(client, run_id)), run_id
+    with tempfile.TemporaryDirectory(prefix="tagifai-checkpoint-") as folder:  # the model is in memory after
+        return Predictor(tracking.download_checkpoint(client, run_id, Path(folder))), run_id

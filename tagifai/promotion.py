@@ -9,7 +9,9 @@ set's noise is told by a paired bootstrap (see `paired_bootstrap`); it informs, 
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -113,7 +115,8 @@ def load_champion(client, version) -> tuple[Optional[Predictor], Optional[str]]:
     """The champion's predictor, or why it cannot be loaded (a backbone that no longer loads, a
     damaged or missing checkpoint): then it is not compared."""
     try:
-        return Predictor(download_checkpoint(client, version.run_id)), None
+        with tempfile.TemporaryDirectory(prefix="tagifai-checkpoint-") as folder:  # the model is in memory after
+            return Predictor(download_checkpoint(client, version.run_id, Path(folder))), None
     except (UserError, OSError, ValueError, KeyError) as error:
         return None, f"version {version.version} does not load ({error})"
 

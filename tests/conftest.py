@@ -16,12 +16,19 @@ TINY_TAGS = ["computer-vision", "mlops", "natural-language-processing", "other"]
 GOOD_TINY = dict(num_epochs=6, batch_size=8)
 
 
+SESSION_FOLDERS: list[str] = []  # made for this session, removed at its end
+
+
 def pytest_configure(config):
     # Before any test imports Prefect: a private Prefect home per session (database, cached
     # results), so concurrent test sessions never share a SQLite file, and no analytics.
-    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
-    # Downloaded datasets are revalidated from a per-session cache, never the user's ~/.cache.
+    if "PREFECT_HOME" not in os.environ:
+        os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+        SESSION_FOLDERS.append(os.environ["PREFECT_HOME"])
+    # Downloaded datasets (and remote studies' local files) live in a per-session cache, never
+    # the user's ~/.cache.
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="xdg-cache-")
+    SESSION_FOLDERS.append(os.environ["XDG_CACHE_HOME"])
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -30,6 +37,13 @@ def pytest_configure(config):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    for folder in SESSION_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def skip_if_setup_could_not_install(package: str) -> None:
