@@ -29,7 +29,7 @@ from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 from sklearn.model_selection import train_test_split
 
 from tagifai.errors import DataError, SourceUnavailableError
-from tagifai.settings import DEFAULT_SEED
+from tagifai.settings import DEFAULT_SEED, user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def is_url(loc: str) -> bool:
 
 def download_dir() -> Path:
     """Where downloaded datasets are kept for revalidation: $XDG_CACHE_HOME/tagifai/downloads."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tagifai" / "downloads"
+    return user_cache_dir() / "downloads"
 
 
 def _write_atomically(path: Path, content: bytes) -> None:

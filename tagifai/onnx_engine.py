@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from tagifai.model import TextClassifier
+from tagifai.settings import user_cache_dir
 from tagifai.train import TokenizedSplit, pad_batch
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ MAX_UNMAPPED_FLOATS = 16
 
 def cache_dir() -> Path:
     """Exported graph templates: $XDG_CACHE_HOME/tagifai/onnx (else ~/.cache/tagifai/onnx)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tagifai" / "onnx"
+    return user_cache_dir() / "onnx"
 
 
 def template_key(model: TextClassifier) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +25,11 @@ DEFAULT_SEED = 1234
 # all depths tried and no lower F1 than training every layer, at half the training FLOPs.
 TRAINABLE_LAYERS_DEFAULT = 2
 DEFAULT_INITIAL_PARAMS = [search_space.default_point()]
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/tagifai (else ~/.cache/tagifai): downloads, exported graphs, remote studies' local files."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tagifai"
 
 
 class TuneSettings(BaseModel):

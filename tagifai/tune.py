@@ -27,7 +27,7 @@ from tagifai import storage as storage_lib
 from tagifai.claim import COMPLETE_MARKER, Claim, claim_experiment_dir
 from tagifai.errors import ResourceError
 from tagifai.ray_output import ray_logs_to, worker_output_to
-from tagifai.settings import TuneSettings
+from tagifai.settings import TuneSettings, user_cache_dir
 from tagifai.train import TokenizedData
 from tagifai.trial import run_trial
 from tagifai.trial_store import TrialRecord, TrialStore, checkpoint_epoch
@@ -150,8 +150,7 @@ def local_study_dir(claim: Claim) -> Path:
     loader read and write files, not objects."""
     if not storage_lib.is_remote(claim.uri):
         return Path(claim.uri)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "tagifai" / "studies" / claim.name
+    return user_cache_dir() / "studies" / claim.name
 
 
 def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str):
