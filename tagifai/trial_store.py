@@ -105,6 +105,7 @@ class TrialStore:
         if self.is_local:
             return Path(source)
         destination = destination or Path(tempfile.mkdtemp(prefix="tagifai-checkpoint-"))
+        destination.mkdir(parents=True, exist_ok=True)  # pyarrow creates no folder for an object store's files
         pafs.copy_files(source, str(destination), source_filesystem=self.filesystem)
         return destination
 

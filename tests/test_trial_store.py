@@ -80,6 +80,14 @@ def test_best_checkpoint_only_is_kept_and_epochs_accumulate(experiment_uri):
     assert_consistent(store)
 
 
+def test_a_checkpoint_is_read_back_into_a_folder_that_does_not_exist_yet(experiment_uri, tmp_path):
+    """As the study's summary does (one folder per trial under the study's downloads)."""
+    store = TrialStore(experiment_uri, "t1")
+    record = store.record_epoch(metrics(1, 0.9), fake_save(1), finished=True)
+    folder = store.local_checkpoint(record.best_checkpoint, tmp_path / "downloads" / "t1")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(CHECKPOINT_FILES)
+
+
 def test_a_resumed_attempt_replaces_the_epochs_it_redoes(experiment_uri):
     store = TrialStore(experiment_uri, "t1")
     store.record_epoch(metrics(1, 0.9), fake_save(1), finished=False)
