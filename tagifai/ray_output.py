@@ -28,7 +28,12 @@ def ray_logs_to(log_path: Path, verbose: bool) -> Iterator[None]:
         return
     # The trials inherit the environment: no progress bars from transformers or the hub there. Tune's
     # newer console output prints its experiment banner even when silent; the classic one does not.
-    quiet_env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+    # MLflow prints a "View run ... at: <url>" line per finished trial run on a tracking server.
+    quiet_env = {
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "RAY_AIR_NEW_OUTPUT": "0",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "1",
+    }
     saved_env = {name: os.environ.get(name) for name in quiet_env}
     os.environ.update(quiet_env)
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,10 +50,14 @@ def recorded_epochs(storage: str) -> int:
     total = 0
     for info in infos:
         if info.base_name == RECORD_FILE:
+            # This monitor reads records while the trials replace them. pyarrow reads an object
+            # with a HEAD for its size and then ranged GETs, so a read that races a PUT on s3://
+            # can get the new record cut at the old one's length: not counted until the next poll.
+            # (The flow itself never reads a record while its trial writes it.)
             try:
                 with filesystem.open_input_stream(info.path) as stream:
                     total += len(json.loads(stream.read())["epochs"])
-            except FileNotFoundError:  # replaced between the listing and the read
+            except (FileNotFoundError, json.JSONDecodeError):
                 pass
     return total
 

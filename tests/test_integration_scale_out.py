@@ -131,19 +131,20 @@ def test_flow_tracks_into_postgresql_keeps_checkpoints_in_s3_and_the_demo_serves
         "mlflow_scale_out", "SELECT alias, version FROM registered_model_aliases WHERE name = %s", "scaled"
     ) == [(tracking.CHAMPION_ALIAS, int(summary["model_version"]))]
 
-    # No secret in the results or the flow's output.
+    # No secret in the results or the flow's output, and none of MLflow's per-run URL lines.
     output = results.read_text() + (tmp_path / "flow.log").read_text()
+    assert "View run" not in output
     assert s3_server.secret_key not in output and postgres_server.password not in output
 
     # predict and evaluate read the run back from the server (and its checkpoint from S3, through it).
     env = stack["env"]
     predicted = subprocess.run(
         [sys.executable, "-m", "flows.predict", "--tracking-uri", stack["tracking_uri"], "--experiment-name", "scaled",
-         "--title", "Transformers for text", "--description", "fine-tuning language models"],
+         "--title", "Transformers for text", "--description", "fine-tuning language models", "--json"],
         env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr[-3000:]
-    assert json.loads(predicted.stdout[predicted.stdout.index("{") :])["run_id"] == summary["run_id"]
+    assert json.loads(predicted.stdout)["run_id"] == summary["run_id"]
     from tagifai.data import sample_dataset_path
 
     evaluated = subprocess.run(
