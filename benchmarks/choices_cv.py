@@ -24,10 +24,11 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
+from tagifai.batching import TokenizedData, tokenize_texts
 from tagifai.data import load_dataset, project_texts, split_dataset
 from tagifai.model import load_tokenizer
 from tagifai.settings import DEFAULT_BACKBONE, DEFAULT_INITIAL_PARAMS, DEFAULT_SEED
-from tagifai.train import TokenizedData, tokenize_texts, train_classifier
+from tagifai.train import train_classifier
 
 
 def parse_choice(text: str) -> tuple[int | None, int]:

@@ -60,14 +60,14 @@ import sys
 from pathlib import Path
 from mlflow.tracking import MlflowClient
 from prefect import flow
-from tagifai import tracking
+from tagifai.lifecycle import tracking
 uri = tracking.resolve_tracking_uri(sys.argv[1])
 tracking.get_or_create_experiment(MlflowClient(uri), sys.argv[2], uri)
 flow(name="benchmark-warm-up")(lambda: None)()
 if sys.argv[3]:  # the backbone's exported prediction graph, as cached by any earlier evaluation
     import tempfile
     from benchmarks.predict_latency import build_untrained_checkpoint
-    from tagifai.predict import Predictor
+    from tagifai.serving.predictor import Predictor
     with tempfile.TemporaryDirectory() as folder:
         Predictor(build_untrained_checkpoint(sys.argv[3], Path(folder)))
 """
@@ -129,7 +129,7 @@ def mlflow_trials(tracking_uri: str, experiment_name: str) -> list[dict]:
     """Per trial run: its start and end, and every epoch's end time and epoch_time_s."""
     from mlflow.tracking import MlflowClient
 
-    from tagifai.tracking import TAG_TRIAL
+    from tagifai.lifecycle.tracking import TAG_TRIAL
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)

@@ -29,7 +29,7 @@ from sklearn.metrics import f1_score
 from benchmarks.predict_latency import batch_throughput, single_latencies_ms
 from benchmarks.train_bench import flop_parameters, matmul_gflops
 from tagifai.data import project_texts
-from tagifai.predict import DEFAULT_ENGINE, Predictor
+from tagifai.serving.predictor import DEFAULT_ENGINE, Predictor
 
 ENGINES = ("torch", "onnx", "onnx-int8")
 

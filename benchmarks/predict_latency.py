@@ -20,7 +20,7 @@ import torch
 
 from tagifai.data import TEXT_COLUMNS, load_dataset
 from tagifai.model import build_classifier, load_tokenizer, save_checkpoint
-from tagifai.predict import Predictor
+from tagifai.serving.predictor import Predictor
 from tagifai.settings import DEFAULT_BACKBONE
 
 TAGS = ["computer-vision", "mlops", "natural-language-processing", "other"]

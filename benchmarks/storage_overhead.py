@@ -11,7 +11,7 @@ start-up. Printed per storage, as the mean over repeats:
 - study_s: wall time of the whole study (claim, tuning, reading back the best checkpoints,
   logging them to MLflow, the completion marker);
 - trial_outside_training_s: per trial, Tune's time_total_s minus the trial's own epoch times, i.e.
-  model set-up, reporting and the crash-safe record/checkpoint writes (tagifai/trial_store.py);
+  model set-up, reporting and the crash-safe record/checkpoint writes (tagifai/tuning/trial_store.py);
 - readback_s: the driver reading each trial's record and downloading its best checkpoint.
 
 Then each storage operation alone, with one of those real checkpoints (median seconds): an epoch
@@ -38,7 +38,7 @@ def trial_results(experiment_uri: str) -> list[dict]:
     """The last result.json line of every trial of an experiment, on any storage."""
     import pyarrow.fs as pafs
 
-    from tagifai.storage import open_storage
+    from tagifai.tuning.storage import open_storage
 
     filesystem, root = open_storage(experiment_uri)
     last = []
@@ -53,9 +53,9 @@ def trial_results(experiment_uri: str) -> list[dict]:
 def one_study(data, settings, tracking_uri: str, fingerprint: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    import tagifai.tune as tune_module
-    from tagifai import tracking
-    from tagifai.trial_store import TrialStore
+    import tagifai.tuning.study as tune_module
+    from tagifai.lifecycle import tracking
+    from tagifai.tuning.trial_store import TrialStore
 
     experiment_id = tracking.get_or_create_experiment(
         MlflowClient(tracking_uri), settings.experiment_name, tracking_uri
@@ -97,8 +97,8 @@ def claim_and_release(lease) -> None:
 def storage_operations(checkpoint: Path, experiment_uri: str, repeats: int) -> dict:
     """Seconds per storage operation of a trial and of the driver, with a real checkpoint folder:
     the same calls the trials make, timed alone (the study times above carry the machine's noise)."""
-    from tagifai import storage
-    from tagifai.trial_store import TrialStore
+    from tagifai.tuning import storage
+    from tagifai.tuning.trial_store import TrialStore
 
     def save(folder: Path) -> None:
         shutil.copytree(checkpoint, folder, dirs_exist_ok=True)
@@ -121,7 +121,7 @@ def storage_operations(checkpoint: Path, experiment_uri: str, repeats: int) -> d
             timed("download_best_checkpoint_s", store.local_checkpoint, record.best_checkpoint, Path(download))
         timed("write_marker_s", storage.write_text, storage.join(experiment_uri, f"marker-{repeat}.json"), "[]")
         if storage.is_remote(experiment_uri):
-            from tagifai.lease import S3Lease
+            from tagifai.tuning.lease import S3Lease
 
             timed("claim_and_release_s", claim_and_release, S3Lease(storage.join(experiment_uri, f".lease-{repeat}")))
     return {name: statistics.median(values) for name, values in timings.items()}
@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from services import seaweedfs
 
+    from tagifai.batching import tokenize_splits
     from tagifai.data import load_dataset, sample_dataset_path, split_dataset
     from tagifai.settings import DEFAULT_BACKBONE, TuneSettings
-    from tagifai.train import tokenize_splits
 
     workdir = Path(tempfile.mkdtemp(prefix="storage-overhead-"))
     tracking_uri = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"

@@ -20,19 +20,11 @@ from torch import nn
 from benchmarks.naive import NaiveTrial, full_padding_waste
 from tagifai import model as model_module
 from tagifai import train as train_module
+from tagifai.batching import TokenizedData, TokenizedSplit, batch_order, iterate_batches, tokenize_splits
 from tagifai.data import Splits
-from tagifai.model import build_classifier, encoder_layers, load_tokenizer, save_checkpoint
+from tagifai.model import bf16_supported, build_classifier, encoder_layers, load_tokenizer, save_checkpoint
 from tagifai.settings import DEFAULT_INITIAL_PARAMS
-from tagifai.train import (
-    TokenizedData,
-    TokenizedSplit,
-    batch_order,
-    bf16_supported,
-    iterate_batches,
-    make_optimizer,
-    tokenize_splits,
-    train_classifier,
-)
+from tagifai.train import make_optimizer, train_classifier
 
 CONFIG = dict(DEFAULT_INITIAL_PARAMS[0])  # the flow's first trial: dropout 0.5, lr 1e-4, ...
 

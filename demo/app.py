@@ -28,9 +28,9 @@ from demo.experiment import experiment_tab
 from demo.serving import ModelHolder, holder_for
 from tagifai.data import TEXT_COLUMNS, parse_table
 from tagifai.errors import DataError, UserError
-from tagifai.predict import Predictor
+from tagifai.lifecycle.database import redact
+from tagifai.serving.predictor import Predictor
 from tagifai.settings import DEFAULT_EXPERIMENT_NAME, DEFAULT_MODEL_NAME
-from tagifai.storage import redact
 
 MAX_FIELD_CHARS = 5_000  # far beyond the tokenizer's max_length; keeps huge pastes cheap
 MAX_UPLOAD_SIZE = "5mb"
@@ -297,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         from demo.serving import existing_store_uri
-        from tagifai import tracking
+        from tagifai.lifecycle import tracking
 
         tracking_uri = existing_store_uri(args.tracking_uri)
         tracking.check_reachable(tracking_uri)

@@ -18,7 +18,8 @@ from typing import Optional
 import gradio as gr
 import pandas as pd
 
-from tagifai import plots, tracking
+from tagifai import plots
+from tagifai.lifecycle import tracking
 from tagifai.search_space import NAMES as PARAMETERS
 
 MAX_RUNS = 500  # the whole-experiment fallback must stay quick to read at start

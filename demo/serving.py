@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Optional
 
 from demo.experiment import Experiment, load_experiment
-from tagifai import registry, tracking
 from tagifai.errors import TrackingError
-from tagifai.predict import Predictor
-from tagifai.storage import redact
+from tagifai.lifecycle import registry, tracking
+from tagifai.lifecycle.database import redact
+from tagifai.serving.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 TRAIN_COMMAND = "python -m flows.tune"

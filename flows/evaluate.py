@@ -13,10 +13,10 @@ from prefect import flow, get_run_logger
 
 from flows import report
 from flows.cli import command_line_run, parse_settings
-from tagifai import tracking
 from tagifai.behavioural import load_checks, run_checks, summary_line
 from tagifai.evaluate import evaluate_frame
-from tagifai.predict import load_run_predictor
+from tagifai.lifecycle import tracking
+from tagifai.serving.predictor import load_run_predictor
 from tagifai.settings import EvaluateSettings
 from tasks.load import load_data
 

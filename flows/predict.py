@@ -12,8 +12,8 @@ import sys
 
 from flows import report
 from flows.cli import exit_on_user_error, parse_settings
-from tagifai import tracking
-from tagifai.predict import load_run_predictor
+from tagifai.lifecycle import tracking
+from tagifai.serving.predictor import load_run_predictor
 from tagifai.settings import PredictSettings
 
 

@@ -4,7 +4,7 @@
     python -m flows.promote --rollback
     python -m flows.promote --history
 
-Every move is recorded in the registered model's history (tagifai/registry.py) with when, who,
+Every move is recorded in the registered model's history (tagifai/lifecycle/registry.py) with when, who,
 from which version, to which, and why; the demo follows the alias.
 """
 
@@ -15,7 +15,7 @@ import sys
 from mlflow.tracking import MlflowClient
 
 from flows.cli import exit_on_user_error, parse_settings
-from tagifai import registry, tracking
+from tagifai.lifecycle import registry, tracking
 from tagifai.settings import PromoteSettings
 
 

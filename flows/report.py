@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from tagifai.behavioural import summary_line
-from tagifai.progress import format_params, format_seconds
+from tagifai.tuning.display import format_params, format_seconds
 
 
 def process_started_at() -> Optional[float]:

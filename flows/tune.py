@@ -20,13 +20,14 @@ from prefect import flow, get_run_logger
 
 from flows import report
 from flows.cli import command_line_run, parse_settings
-from tagifai import registry, tracking
 from tagifai.behavioural import load_checks
+from tagifai.lifecycle import registry, tracking
+from tagifai.lifecycle.database import redact
+from tagifai.lifecycle.promotion import GateRules
 from tagifai.model import check_backbone
-from tagifai.progress import format_params
-from tagifai.promotion import GateRules
 from tagifai.settings import TuneSettings, training_fingerprint
-from tagifai.storage import check_storage, redact
+from tagifai.tuning.display import format_params
+from tagifai.tuning.storage import check_storage
 from tasks.cache import key
 from tasks.evaluate import evaluate_challenger, log_evaluation
 from tasks.load import load_data

@@ -8,7 +8,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from tagifai.data import project_texts
-from tagifai.predict import Predictor
+from tagifai.serving.predictor import Predictor
 
 SHORT_TEXT_WORDS = 5  # cleaned words; titles-only listings are the usual case
 VISION_TERMS = {

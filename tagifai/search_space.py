@@ -1,6 +1,6 @@
 """The hyperparameters the study searches: one table, read by everything that needs them.
 
-Ray Tune's param_space (tagifai/tune.py), the validation of --initial-params and its --help text
+Ray Tune's param_space (tagifai/tuning/study.py), the validation of --initial-params and its --help text
 (tagifai/settings.py), the plots' axes and log scales (tagifai/plots.py) and the benchmark's peer
 study all come from SEARCH_SPACE. Adding a hyperparameter means a row here and the training code
 that reads it (tagifai/train.py), nothing else. Kept free of Ray so that plots and settings import

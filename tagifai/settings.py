@@ -100,7 +100,7 @@ class TuneSettings(BaseModel):
     refresh_cache: bool = Field(
         False, description="Rerun the cached steps (load, split, tokenize) and overwrite their cached results."
     )
-    # The promotion gate (tagifai/promotion.py) and scheduled re-tunes
+    # The promotion gate (tagifai/lifecycle/promotion.py) and scheduled re-tunes
     min_improvement: float = Field(
         0.0, ge=-1, le=1, description="Weighted test F1 the challenger must gain over the champion (a tie keeps it)."
     )

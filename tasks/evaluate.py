@@ -12,10 +12,11 @@ from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tagifai import plots, tracking
+from tagifai import plots
 from tagifai.behavioural import load_checks, run_checks, summary_line
 from tagifai.evaluate import evaluation_report
-from tagifai.predict import Predictor
+from tagifai.lifecycle import tracking
+from tagifai.serving.predictor import Predictor
 
 
 @task(name="evaluate-best", cache_policy=NO_CACHE)

@@ -1,5 +1,5 @@
 """Prefect task: the promotion gate. The challenger (this run's registered best) takes the
-`champion` alias only if it beats the champion re-scored on the same test rows (tagifai/promotion.py).
+`champion` alias only if it beats the champion re-scored on the same test rows (tagifai/lifecycle/promotion.py).
 The decision is recorded in four places: the returned dict (the results JSON's `promotion`), tags
 on both model versions, the `promotion` markdown artifact, and a log line."""
 
@@ -13,9 +13,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tagifai import promotion, registry
-from tagifai.promotion import GateRules
-from tagifai.tracking import with_retries
+from tagifai.lifecycle import promotion, registry
+from tagifai.lifecycle.promotion import GateRules
+from tagifai.lifecycle.tracking import with_retries
 
 TAG_DECISION = "tagifai.gate.decision"  # on the challenger: promoted / rejected
 TAG_REASON = "tagifai.gate.reason"

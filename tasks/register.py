@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tagifai import registry, tracking
+from tagifai.lifecycle import registry, tracking
 
 
 @task(name="register-best", cache_policy=NO_CACHE)

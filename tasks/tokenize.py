@@ -6,23 +6,23 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
+import tagifai.batching
 import tagifai.data
-import tagifai.train
+from tagifai.batching import TokenizedData, tokenize_splits
 from tagifai.data import Splits
-from tagifai.train import TokenizedData, tokenize_splits
 from tasks.cache import key, module_source_digest, tokenizer_digest
 
 
 def tokenize_key(context, parameters) -> str:
     """The split's data, the backbone's tokenizer files, max_length, and the cleaning
-    (tagifai/data.py) and tokenizing (tagifai/train.py) code."""
+    (tagifai/data.py) and tokenizing (tagifai/batching.py) code; not the training loop."""
     return key(
         "tokenize",
         parameters["data_key"],
         parameters["backbone"],
         tokenizer_digest(parameters["backbone"]),
         parameters["max_length"],
-        module_source_digest(tagifai.data, tagifai.train),
+        module_source_digest(tagifai.data, tagifai.batching),
     )
 
 

@@ -8,10 +8,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tagifai.progress import LiveTable, PlainLines
+from tagifai.batching import TokenizedData
 from tagifai.settings import TuneSettings
-from tagifai.train import TokenizedData
-from tagifai.tune import tune_hyperparameters
+from tagifai.tuning.display import LiveTable, PlainLines
+from tagifai.tuning.study import tune_hyperparameters
 
 TRIAL_COLUMNS = ("trial_id", "run_id", "status", "epochs", "val_loss", "val_f1")
 
@@ -26,7 +26,7 @@ def progress_display(logger):
     from prefect.logging.handlers import APILogHandler
     from rich.console import Console
 
-    api_only = logging.getLogger("tagifai.progress")
+    api_only = logging.getLogger("tagifai.tuning.display")
     api_only.propagate = False
     if not any(isinstance(handler, APILogHandler) for handler in api_only.handlers):
         api_only.addHandler(APILogHandler())

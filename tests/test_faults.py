@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_settings
-from tagifai import tracking
-from tagifai.trial import INJECT_FAULT_ENV
+from tagifai.lifecycle import tracking
+from tagifai.tuning.trial import INJECT_FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

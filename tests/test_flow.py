@@ -7,7 +7,7 @@ import json
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_settings
-from tagifai import tracking
+from tagifai.lifecycle import tracking
 
 
 def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):

@@ -14,9 +14,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tagifai import train, trial, tune
+from tagifai import model
 from tagifai.errors import ResourceError
 from tagifai.settings import TuneSettings
+from tagifai.tuning import study as tune
+from tagifai.tuning import trial
 
 
 def fake_cuda(monkeypatch, available: bool = True, bf16: bool = True) -> None:
@@ -27,33 +29,33 @@ def fake_cuda(monkeypatch, available: bool = True, bf16: bool = True) -> None:
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
 def test_auto_precision_is_bf16_on_a_gpu_with_bf16(monkeypatch, device):
     fake_cuda(monkeypatch, bf16=True)
-    assert train.resolve_precision("auto", device) == "bf16"
-    assert train.resolve_precision("fp32", device) == "fp32"
-    assert train.resolve_precision("bf16", device) == "bf16"
+    assert model.resolve_precision("auto", device) == "bf16"
+    assert model.resolve_precision("fp32", device) == "fp32"
+    assert model.resolve_precision("bf16", device) == "bf16"
 
 
 def test_auto_precision_is_fp32_on_a_gpu_without_bf16_and_explicit_bf16_is_refused(monkeypatch):
     fake_cuda(monkeypatch, bf16=False)
-    assert train.resolve_precision("auto", "cuda") == "fp32"
+    assert model.resolve_precision("auto", "cuda") == "fp32"
     with pytest.raises(ValueError, match="needs native bf16 on cuda"):
-        train.resolve_precision("bf16", "cuda")
+        model.resolve_precision("bf16", "cuda")
 
 
 def test_cpu_precision_does_not_ask_cuda(monkeypatch):
     fake_cuda(monkeypatch, bf16=True)  # a bf16 GPU in the machine says nothing about the CPU
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
-    assert train.resolve_precision("auto", "cpu") == "fp32"
+    assert model.resolve_precision("auto", "cpu") == "fp32"
 
 
 def test_autocast_targets_the_gpu_in_bf16():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available ... Disabling autocast" on this machine
-        context = train.autocast("bf16", "cuda:0")
+        context = model.autocast("bf16", "cuda:0")
     assert isinstance(context, torch.autocast)
     assert context.device == "cuda" and context.fast_dtype == torch.bfloat16
-    cpu = train.autocast("bf16", "cpu")
+    cpu = model.autocast("bf16", "cpu")
     assert cpu.device == "cpu" and cpu.fast_dtype == torch.bfloat16
-    assert not isinstance(train.autocast("fp32", "cuda"), torch.autocast)
+    assert not isinstance(model.autocast("fp32", "cuda"), torch.autocast)
 
 
 @pytest.mark.parametrize(

@@ -211,7 +211,7 @@ def test_tuning_deployment_run_publishes_artifacts_and_summary(stack, tuning_run
 def test_trials_and_checkpoints_are_served_by_the_mlflow_server(stack, tuning_run):
     from mlflow.tracking import MlflowClient
 
-    from tagifai.predict import load_run_predictor
+    from tagifai.serving.predictor import load_run_predictor
 
     _, summary = tuning_run
     client = MlflowClient(stack.mlflow_url)

@@ -160,7 +160,7 @@ def test_without_ray_address_the_flow_starts_its_own_ray_next_to_a_cluster(ray_h
         script = (
             "import ray\n"
             "from tagifai.settings import TuneSettings\n"
-            "from tagifai.tune import connect_ray\n"
+            "from tagifai.tuning.study import connect_ray\n"
             "started = connect_ray(TuneSettings())\n"
             "print('RESULT', started, ray.get_runtime_context().gcs_address)\n"
             "ray.shutdown()\n"

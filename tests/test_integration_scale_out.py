@@ -29,8 +29,8 @@ from test_integration_prefect import wait_healthy
 from test_integration_ray_cluster import ray_cluster
 
 from processes import REPO, free_port, running, tail
-from tagifai import tracking
-from tagifai.lease import TTL_ENV
+from tagifai.lifecycle import tracking
+from tagifai.tuning.lease import TTL_ENV
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tagifai.claim import COMPLETE_MARKER
-from tagifai.lease import TTL_ENV, S3Lease
-from tagifai.storage import s3_client, write_text
+from tagifai.tuning.claim import COMPLETE_MARKER
+from tagifai.tuning.lease import TTL_ENV, S3Lease
+from tagifai.tuning.storage import s3_client, write_text
 
 TTL_S = 3.0
 
@@ -109,7 +109,7 @@ def test_of_many_flows_racing_for_a_lease_exactly_one_wins(s3_bucket, state):
 CLAIMER = """
 import sys, time
 from pathlib import Path
-from tagifai.claim import claim_experiment_dir
+from tagifai.tuning.claim import claim_experiment_dir
 from tagifai.settings import TuneSettings
 
 settings = TuneSettings(experiment_name="leased", storage_path=sys.argv[1])

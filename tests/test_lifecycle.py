@@ -22,8 +22,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import GOOD_TINY, tiny_settings
-from tagifai import registry
-from tagifai.promotion import GateRules, decide, paired_bootstrap
+from tagifai.lifecycle import registry
+from tagifai.lifecycle.promotion import GateRules, decide, paired_bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 WEAK = dict(
@@ -108,7 +108,7 @@ def test_behavioural_checks_flag_a_model_that_always_predicts_one_tag(tmp_path, 
 
     from tagifai.behavioural import load_checks, run_checks
     from tagifai.model import build_classifier, load_tokenizer, save_checkpoint
-    from tagifai.predict import Predictor
+    from tagifai.serving.predictor import Predictor
 
     tags = {"computer-vision": 0, "mlops": 1, "natural-language-processing": 2, "other": 3}
     model = build_classifier(str(tiny_backbone), 4, 0.1)

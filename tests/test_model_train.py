@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from tagifai import model as model_module
+from tagifai.batching import TokenizedSplit, iterate_batches, tokenize_splits
 from tagifai.data import load_dataset, split_dataset
 from tagifai.errors import ModelError
+from tagifai.metrics import weighted_f1
 from tagifai.model import build_classifier, freeze_lower_layers, load_checkpoint, save_checkpoint
-from tagifai.predict import Predictor
+from tagifai.serving.predictor import Predictor
 from tagifai.settings import DEFAULT_BACKBONE
-from tagifai.train import TokenizedSplit, iterate_batches, tokenize_splits, train_classifier, weighted_f1
+from tagifai.train import train_classifier
 
 CONFIG = {"dropout_p": 0.3, "lr": 5e-4, "lr_factor": 0.8, "lr_patience": 3}
 
@@ -173,12 +175,12 @@ def test_freezing_keeps_lower_layers_and_embeddings_unchanged(tiny_data, tiny_ba
 
 
 def test_trial_workers_do_not_import_driver_only_libraries():
-    """Each trial worker imports tagifai.trial; MLflow, HyperOpt and scikit-learn would add seconds."""
+    """Each trial worker imports tagifai.tuning.trial; MLflow, HyperOpt and scikit-learn would add seconds."""
     import subprocess
     import sys
 
     code = (
-        "import sys, tagifai.trial; "
+        "import sys, tagifai.tuning.trial; "
         "print(sorted(m for m in ('mlflow', 'hyperopt', 'sklearn', 'prefect') if m in sys.modules))"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -22,7 +22,9 @@ def test_flows_opening_a_new_database_at_once_all_start(postgres_server, tmp_pat
     """Four processes create MLflow's tables in one empty database at the same moment; without the
     advisory lock, concurrent schema migrations fail on duplicate tables or types."""
     uri = postgres_server.create_database(f"fresh_{uuid.uuid4().hex[:8]}")
-    script = "import sys\nfrom tagifai.tracking import resolve_tracking_uri\nresolve_tracking_uri(sys.argv[1])\n"
+    script = (
+        "import sys\nfrom tagifai.lifecycle.tracking import resolve_tracking_uri\nresolve_tracking_uri(sys.argv[1])\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     starters = [
         subprocess.Popen([sys.executable, "-c", script, uri], env=env, stderr=subprocess.PIPE, text=True)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from tagifai import onnx_engine
 from tagifai.model import build_classifier, load_tokenizer, save_checkpoint
-from tagifai.predict import ENGINE_ENV, Predictor
+from tagifai.serving import onnx_engine
+from tagifai.serving.predictor import ENGINE_ENV, Predictor
 
 pytest.importorskip("onnxruntime")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tagifai.storage import is_remote, join, redact, resolve
+from tagifai.lifecycle.database import redact
+from tagifai.tuning.storage import is_remote, join, resolve
 
 
 @pytest.mark.parametrize(
@@ -38,7 +39,7 @@ def test_the_trial_tracker_pickles_no_password_and_gets_it_back_in_the_driver():
     """Ray Tune pickles its callbacks into the experiment state, in the bucket."""
     import pickle
 
-    from tagifai.tune import TrialTracker
+    from tagifai.tuning.study import TrialTracker
 
     uri = "postgresql://mlflow:hunter2@db/mlflow"
     tracker = TrialTracker(uri, "1", "study-1", "s3://bucket/ray/study-1")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from tagifai.trial_store import TrialStore
+from tagifai.tuning.trial_store import TrialStore
 
 CHECKPOINT_FILES = ("model.safetensors", "classifier.json")
 
@@ -150,7 +150,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from test_trial_store import fake_save, metrics
-from tagifai.trial_store import TrialStore
+from tagifai.tuning.trial_store import TrialStore
 
 store = TrialStore(sys.argv[1], "t1")
 start = len((store.read() and store.read().epochs) or [])

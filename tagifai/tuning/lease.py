@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Optional
 
 from tagifai.errors import StorageError
-from tagifai.storage import s3_client, split_s3, storage_error
+from tagifai.tuning.storage import s3_client, split_s3, storage_error
 
 logger = logging.getLogger(__name__)
 

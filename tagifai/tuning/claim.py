@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from tagifai import storage as storage_lib
 from tagifai.errors import StorageError
-from tagifai.lease import S3Lease
 from tagifai.settings import TuneSettings, training_fingerprint
+from tagifai.tuning import storage as storage_lib
+from tagifai.tuning.lease import S3Lease
 
 COMPLETE_MARKER = "tuning_complete.json"
 
@@ -49,7 +49,7 @@ def claim_experiment_dir(storage: str, settings: TuneSettings, data_fingerprint:
     An interrupted run leaves its folder unfinished and free, so the same command resumes it; a
     finished folder (marker file) or one held by a concurrent flow is skipped for the next. A local
     folder is held with `flock` (the OS drops it when its process dies, even by SIGKILL); an s3://
-    folder with a lease object that the flow keeps renewing (tagifai/lease.py).
+    folder with a lease object that the flow keeps renewing (tagifai/tuning/lease.py).
     """
     parts = [training_fingerprint(settings), settings.experiment_name, data_fingerprint]
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()

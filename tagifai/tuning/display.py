@@ -1,9 +1,8 @@
 """Progress of a tuning study, as a person wants to follow it: one live table on a terminal, or
 plain lines (one per finished epoch, one per finished trial) in a pipe, a file or a Prefect log.
 
-`StudyProgress` is a Ray Tune callback, so Tune pickles it with the experiment and restores it when
-a study resumes: it therefore holds only the study's shape, and reaches the screen through the
-display made active by `showing(...)` in this process.
+Free of Ray: the summaries of flows.predict and flows.evaluate format with it too. The Tune
+callback that feeds it is `tagifai.tuning.progress.StudyProgress`.
 """
 
 from __future__ import annotations
@@ -16,11 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ray import tune
-
 from tagifai.search_space import NAMES
-
-STATUSES = ("pending", "running", "pruned", "done", "error")
 
 
 @dataclass
@@ -167,54 +162,6 @@ def showing(display) -> Iterator[None]:
             display.close()
 
 
-class StudyProgress(tune.Callback):
-    """Feeds the active display from Tune's trial events (see the module docstring)."""
-
-    def __init__(self, num_trials: int, num_epochs: int):
-        self.num_trials, self.num_epochs = num_trials, num_epochs
-        self.study = StudyState(num_trials, num_epochs)
-
-    def __getstate__(self):
-        return {"num_trials": self.num_trials, "num_epochs": self.num_epochs}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
-
-    def _trial(self, trial) -> TrialState:
-        if trial.trial_id not in self.study.trials:
-            params = {k: float(v) for k, v in trial.config.items() if isinstance(v, (int, float))}
-            self.study.trials[trial.trial_id] = TrialState(trial.trial_id, params)
-        return self.study.trials[trial.trial_id]
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._trial(trial).status = "running"
-        running = sum(t.status == "running" for t in self.study.trials.values())
-        self.study.lanes = max(self.study.lanes, running)
-
-    on_trial_restore = on_trial_start
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        state = self._trial(trial)
-        state.status = "running"
-        state.epoch = int(result.get("epoch", state.epoch + 1))
-        state.last_loss = result.get("val_loss")
-        if state.last_loss is not None and (state.best_loss is None or state.last_loss < state.best_loss):
-            state.best_loss = state.last_loss
-        if "epoch_time_s" in result and not result.get("replayed"):
-            state.epoch_seconds.append(float(result["epoch_time_s"]))
-        display = _active["display"]
-        if display is not None:
-            display.epoch(self.study, state)
-
-    def _ended(self, trial, status: str) -> None:
-        state = self._trial(trial)
-        state.status = status
-        display = _active["display"]
-        if display is not None:
-            display.ended(self.study, state)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._ended(trial, "done" if self._trial(trial).epoch >= self.num_epochs else "pruned")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(trial, "error")
+def active():
+    """The display that `showing(...)` made active in this process, or None."""
+    return _active["display"]

@@ -39,9 +39,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from tagifai.batching import TokenizedSplit, pad_batch
 from tagifai.model import TextClassifier
 from tagifai.settings import user_cache_dir
-from tagifai.train import TokenizedSplit, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def probe_split(vocab_size: int) -> TokenizedSplit:
 def check_against_torch(engine: OnnxClassifier, model: TextClassifier, pad_token_id: int) -> float:
     """Max |logit difference| from the PyTorch model on the probe rows, each run alone and padded
     together; raises when the fp32 graph disagrees beyond PROBE_TOLERANCE."""
-    from tagifai.train import predict_logits
+    from tagifai.model import predict_logits
 
     split = probe_split(model.backbone.config.vocab_size)
     expected = predict_logits(model, split, batch_size=8, pad_token_id=pad_token_id).numpy()

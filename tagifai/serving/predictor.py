@@ -19,10 +19,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from tagifai.batching import tokenize_texts
 from tagifai.data import project_texts
-from tagifai.model import load_checkpoint
+from tagifai.model import load_checkpoint, predict_logits
 from tagifai.settings import DEFAULT_EXPERIMENT_NAME
-from tagifai.train import predict_logits, tokenize_texts
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Predictor:
         choice = DEFAULT_ENGINE if choice == "auto" else choice
         self.engine = None
         if choice != "torch":
-            from tagifai import onnx_engine
+            from tagifai.serving import onnx_engine
 
             self.engine = onnx_engine.load_engine(
                 self.model, self.pad_token_id, quantize=choice == "onnx-int8", threads=threads
@@ -99,7 +99,7 @@ def load_run_predictor(
     """The predictor of `run_id`, or of the experiment's best run; and the run id used."""
     from mlflow.tracking import MlflowClient
 
-    from tagifai import tracking
+    from tagifai.lifecycle import tracking
 
     client = MlflowClient(tracking_uri)
     run_id = run_id or tracking.best_run_id(client, experiment_name)

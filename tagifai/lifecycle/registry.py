@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tagifai.errors import TrackingError
-from tagifai.tracking import CHAMPION_ALIAS, CHECKPOINT_ARTIFACT, with_retries
+from tagifai.lifecycle.tracking import CHAMPION_ALIAS, CHECKPOINT_ARTIFACT, with_retries
 
 MOVE_TAG_PREFIX = "tagifai.champion_move."
 TAG_DATA_FINGERPRINT = "tagifai.data_fingerprint"  # what a version was trained on (skip-if-unchanged)

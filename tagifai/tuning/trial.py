@@ -1,4 +1,4 @@
-"""The code a Ray Tune trial runs, kept apart from the driver-side tuning edge (tagifai/tune.py).
+"""The code a Ray Tune trial runs, kept apart from the driver-side tuning edge (tagifai/tuning/study.py).
 
 Each trial worker is a fresh process that imports this module; it imports only what training
 needs (Ray Tune's reporting, torch, transformers), not MLflow, HyperOpt or scikit-learn, which
@@ -15,8 +15,9 @@ import ray
 import torch
 from ray import tune
 
-from tagifai.train import TokenizedData, release_freed_memory, train_classifier
-from tagifai.trial_store import TrialStore
+from tagifai.batching import TokenizedData
+from tagifai.train import release_freed_memory, train_classifier
+from tagifai.tuning.trial_store import TrialStore
 
 # Fault injection for the test suite, unset in normal use: "<epoch>:<folder>" makes each trial raise
 # once just before reporting that epoch, so Tune's retry and the resume from checkpoint run for real.
@@ -57,7 +58,7 @@ def run_trial(
     precision: str,
 ) -> None:
     """One trial attempt: threads matched to its CPUs; a restarted trial (a retry after a crash, or
-    a resumed experiment) continues from its own record (tagifai/trial_store.py)."""
+    a resumed experiment) continues from its own record (tagifai/tuning/trial_store.py)."""
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
     device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"

@@ -19,9 +19,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tagifai.database import check_database, is_database, prepare_database_store
 from tagifai.errors import TrackingError
-from tagifai.storage import redact
+from tagifai.lifecycle.database import check_database, is_database, prepare_database_store, redact
 
 DEFAULT_STORE_DIR = "mlruns"
 TAG_SESSION = "tagifai.tuning_session"

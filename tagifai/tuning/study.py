@@ -22,15 +22,19 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from tagifai import progress, search_space, tracking
-from tagifai import storage as storage_lib
-from tagifai.claim import COMPLETE_MARKER, Claim, claim_experiment_dir
+from tagifai import search_space
+from tagifai.batching import TokenizedData
 from tagifai.errors import ResourceError
-from tagifai.ray_output import ray_logs_to, worker_output_to
+from tagifai.lifecycle import tracking
+from tagifai.lifecycle.database import redact
 from tagifai.settings import TuneSettings, user_cache_dir
-from tagifai.train import TokenizedData
-from tagifai.trial import run_trial
-from tagifai.trial_store import TrialRecord, TrialStore, checkpoint_epoch
+from tagifai.tuning import display as progress_display
+from tagifai.tuning import storage as storage_lib
+from tagifai.tuning.claim import COMPLETE_MARKER, Claim, claim_experiment_dir
+from tagifai.tuning.progress import StudyProgress
+from tagifai.tuning.ray_output import ray_logs_to, worker_output_to
+from tagifai.tuning.trial import run_trial
+from tagifai.tuning.trial_store import TrialRecord, TrialStore, checkpoint_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ def param_space() -> dict:
 class TrialTracker(tune.Callback):
     """One MLflow run per trial attempt: parameters at start, metrics per epoch, final status.
 
-    At each start it reads the trial's own record (tagifai/trial_store.py): epochs recorded but
+    At each start it reads the trial's own record (tagifai/tuning/trial_store.py): epochs recorded but
     never logged (the flow died in between) are logged first, and a trial the record calls
     finished gets no new run: its restart only reports the last epoch again.
     """
@@ -63,11 +67,11 @@ class TrialTracker(tune.Callback):
         self._client: Optional[MlflowClient] = None
         self._runs: dict[str, str] = {}
         self._replayed: set[str] = set()
-        TrialTracker._passwords_kept[storage_lib.redact(tracking_uri)] = tracking_uri
+        TrialTracker._passwords_kept[redact(tracking_uri)] = tracking_uri
 
     def __getstate__(self):  # Ray pickles callbacks into its experiment state; clients do not pickle
         state = {k: getattr(self, k) for k in ("experiment_id", "session", "experiment_uri")}
-        return state | {"tracking_uri": storage_lib.redact(self.tracking_uri)}
+        return state | {"tracking_uri": redact(self.tracking_uri)}
 
     def __setstate__(self, state):
         real_uri = TrialTracker._passwords_kept.get(state["tracking_uri"], state["tracking_uri"])
@@ -196,8 +200,8 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=claim.name,
             storage_path=claim.parent,
-            callbacks=[tracker, progress.StudyProgress(settings.num_runs, settings.num_epochs)],
-            # No checkpoints are handed to Tune: each trial keeps its own record (tagifai/trial_store.py).
+            callbacks=[tracker, StudyProgress(settings.num_runs, settings.num_epochs)],
+            # No checkpoints are handed to Tune: each trial keeps its own record (tagifai/tuning/trial_store.py).
             failure_config=tune.FailureConfig(max_failures=2),
             verbose=1 if settings.verbose else 0,  # Tune's own tables only with --verbose
         ),
@@ -252,7 +256,7 @@ def tune_hyperparameters(
     announce: Callable[[str], None] = logger.info,
 ) -> dict:
     """Run (or resume) the study; every trial ends with an MLflow run holding its best checkpoint.
-    `display` shows the study's progress (tagifai/progress.py); `announce` says where Ray's own
+    `display` shows the study's progress (tagifai/tuning/display.py); `announce` says where Ray's own
     output went (unless settings.verbose).
 
     Returns {"experiment_dir", "resumed", "trials": [one row per trial], "log_file"}.
@@ -277,7 +281,7 @@ def tune_hyperparameters(
                 check_resources(settings)
                 tracker = TrialTracker(tracking_uri, experiment_id, session=session, experiment_uri=claim.uri)
                 tuner = build_tuner(data, settings, claim, tracker, resume=resumed)
-                with worker_output_to(log_file, settings.verbose), progress.showing(display):
+                with worker_output_to(log_file, settings.verbose), progress_display.showing(display):
                     results = tuner.fit()
             finally:
                 tracking.close_session_runs(client, experiment_id, session)

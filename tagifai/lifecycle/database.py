@@ -1,12 +1,25 @@
 """MLflow tracking straight into a database server (postgresql://...): checked before any
-training, its tables created once however many flows start at the same moment."""
+training, its tables created once however many flows start at the same moment; and the
+redaction of passwords in such URIs before they reach a log or a results file."""
 
 from __future__ import annotations
+
+import urllib.parse
 
 from mlflow.tracking import MlflowClient
 
 from tagifai.errors import TrackingError
-from tagifai.storage import redact
+
+
+def redact(uri: str) -> str:
+    """The URI with any password replaced by ***, safe for logs and result files
+    (postgresql://user:secret@host/db -> postgresql://user:***@host/db)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
 
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 DATABASE_TIMEOUT_S = 5

@@ -40,16 +40,6 @@ def join(*parts: str) -> str:
     return "/".join(part.strip("/") if i else part.rstrip("/") for i, part in enumerate(parts))
 
 
-def redact(uri: str) -> str:
-    """The URI with any password replaced by ***, safe for logs and result files
-    (postgresql://user:secret@host/db -> postgresql://user:***@host/db)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
 def exists(uri: str) -> bool:
     filesystem, path = open_storage(uri)
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
@@ -123,7 +113,7 @@ def check_storage(uri: str) -> None:
     if not is_remote(uri):
         return
     if not uri.startswith("s3://"):
-        # The experiment-folder lease needs S3's conditional writes (tagifai/lease.py).
+        # The experiment-folder lease needs S3's conditional writes (tagifai/tuning/lease.py).
         raise StorageError(f"--storage-path {uri}: only local folders and s3:// URIs are supported")
     if urllib.parse.urlsplit(uri).password is not None:
         raise StorageError("put S3 credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, not in --storage-path")

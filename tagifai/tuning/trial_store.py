@@ -33,7 +33,7 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from tagifai.storage import join, open_storage
+from tagifai.tuning.storage import join, open_storage
 
 RECORD_FILE = "record.json"
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -19,9 +19,9 @@ import pandas as pd
 
 from tagifai.errors import UserError
 from tagifai.evaluate import classification_metrics
-from tagifai.predict import Predictor
-from tagifai.tracking import download_checkpoint
-from tagifai.train import weighted_f1
+from tagifai.lifecycle.tracking import download_checkpoint
+from tagifai.metrics import weighted_f1
+from tagifai.serving.predictor import Predictor
 
 BOOTSTRAP_SAMPLES = 2000
 
