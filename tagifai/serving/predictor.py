@@ -33,6 +33,16 @@ ENGINES = ("auto", "onnx", "onnx-int8", "torch")
 DEFAULT_ENGINE = "onnx"
 
 
+def top_tags(probabilities: np.ndarray, classes: Sequence[str]) -> list[str]:
+    """The most likely tag of each row of `probabilities` (columns in `classes` order)."""
+    return [classes[int(i)] for i in probabilities.argmax(axis=1)]
+
+
+def tag_probabilities(row: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """One row of probabilities as {tag: probability}."""
+    return {tag: float(p) for tag, p in zip(classes, row)}
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -84,12 +94,10 @@ class Predictor:
 
     def predict(self, titles: Sequence[str], descriptions: Sequence[str]) -> list[dict]:
         probabilities = self.predict_proba(titles, descriptions)
+        tags = top_tags(probabilities, self.classes)
         return [
-            {
-                "prediction": self.classes[int(row.argmax())],
-                "probabilities": {tag: float(p) for tag, p in zip(self.classes, row)},
-            }
-            for row in probabilities
+            {"prediction": tag, "probabilities": tag_probabilities(row, self.classes)}
+            for tag, row in zip(tags, probabilities)
         ]
 
 
