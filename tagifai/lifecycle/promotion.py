@@ -10,7 +10,7 @@ set's noise is told by a paired bootstrap (see `paired_bootstrap`); it informs, 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -105,21 +105,14 @@ def decide(
     )
 
 
-def verdict(
-    challenger: dict,
-    champion: Optional[dict],
-    behavioural_passed: bool,
-    rules: GateRules,
-    incompatible: Optional[str] = None,
-    noise: Optional[dict] = None,
-) -> tuple[bool, bool, str]:
-    """(promote?, forced?, reason): the gate decides on its own rules first, so that a forced
-    promotion is told apart from one the challenger earned (and a needless --force-promote is said)."""
-    unforced = GateRules(rules.min_improvement, rules.max_class_drop, force=False)
-    passes, reason = decide(challenger, champion, behavioural_passed, unforced, incompatible, noise)
+def verdict(rules: GateRules, evidence: dict) -> tuple[bool, bool, str]:
+    """(promote?, forced?, reason) from `evidence`, the arguments of `decide` but the rules. The
+    gate first decides on its own rules, so that a forced promotion is told apart from one the
+    challenger earned (and a needless --force-promote is said)."""
+    passes, reason = decide(rules=replace(rules, force=False), **evidence)
     forced = not passes and rules.force
     if forced:
-        _, reason = decide(challenger, champion, behavioural_passed, rules, incompatible, noise)
+        _, reason = decide(rules=rules, **evidence)
     elif passes and rules.force:
         reason += " (--force-promote was given but not needed)"
     return passes or forced, forced, reason
@@ -141,7 +134,9 @@ def run_gate(
             incompatible = compared.get("incompatible")
             champion_scores, noise = compared.get("scores"), compared.get("noise")
     behavioural = evaluation["behavioural"]
-    promoted, forced, reason = verdict(challenger, champion_scores, behavioural["passed"], rules, incompatible, noise)
+    evidence = {"challenger": challenger, "champion": champion_scores, "behavioural_passed": behavioural["passed"],
+                "incompatible": incompatible, "noise": noise}  # fmt: skip
+    promoted, forced, reason = verdict(rules, evidence)
     if promoted:
         registry.move_alias(client, model_name, challenger_version, reason, "forced" if forced else "gate")
     return {

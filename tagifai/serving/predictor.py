@@ -1,8 +1,8 @@
 """Load a checkpoint once and predict tags with their probabilities.
 
-Predictions run in ONNX Runtime where it is installed and the checkpoint exports (tagifai/
-onnx_engine.py: same probabilities to ~1e-6, faster; `python -m benchmarks.run` measures it), else in
-PyTorch. The demo, `flows.predict`, `flows.evaluate` and the tuning flow's evaluation all
+Predictions run in ONNX Runtime where it is installed and the checkpoint exports
+(tagifai/serving/onnx_engine.py: same probabilities to ~1e-6, faster; `python -m benchmarks.run`
+measures it), else in PyTorch. The demo, `flows.predict`, `flows.evaluate` and the tuning flow's evaluation all
 predict through `Predictor`. $TAGIFAI_INFERENCE_ENGINE picks the engine by hand: `torch`,
 `onnx` (fp32), `onnx-int8`, or `auto` (the default, DEFAULT_ENGINE).
 """
