@@ -28,7 +28,8 @@ def process_started_at() -> Optional[float]:
 
 
 def data_facts(data, data_key: str, splits=None) -> dict:
-    """The results' `data`: where the rows came from, their key, and (once split) the split sizes."""
+    """The results' `data`: where the rows came from, their key (under the name the results JSON has
+    always given it, "fingerprint"), and, once split, the split sizes."""
     facts = {"source": data.source, "fingerprint": data_key, "rows": len(data.frame)}
     if splits is not None:
         facts.update(train_rows=len(splits.train), val_rows=len(splits.val), test_rows=len(splits.test))

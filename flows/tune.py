@@ -4,7 +4,8 @@
 
 Load, split and tokenize are cached across runs (tasks/load.py, split.py, tokenize.py say on
 what); the tune task retries by resuming its Ray Tune experiment from storage; the promotion gate
-decides whether the new model replaces the champion (tasks/promote.py).
+decides whether the new model replaces the champion (tagifai/lifecycle/promotion.py; tasks/promote.py
+records the decision).
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     tokenized, cached["tokenize"] = run_cached(tokenize_data, settings, splits, data_key, settings.model,
                                                settings.max_length)  # fmt: skip
     logger.info("%s", report.data_line(data, splits, cached))
-    # Nothing is logged to MLflow until the inputs are known to be good: bad data leaves no
-    # experiment and no runs (only the empty store that the pre-flight opened).
+    # Nothing is written to MLflow until the inputs are known to be good: bad data leaves no
+    # experiment and no run behind (the pre-flight only opens the store, creating an empty local one).
     experiment_id = tracking.get_or_create_experiment(client, settings.experiment_name, tracking_uri,
                                                       settings.artifact_location)  # fmt: skip
     logger.info("%s", report.tuning_line(settings, tracking_uri))
