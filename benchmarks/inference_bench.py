@@ -29,7 +29,7 @@ from sklearn.metrics import f1_score
 from benchmarks.predict_latency import batch_throughput, single_latencies_ms
 from benchmarks.train_bench import flop_parameters, matmul_gflops
 from tagifai.data import project_texts
-from tagifai.serving.predictor import DEFAULT_ENGINE, Predictor
+from tagifai.serving.predictor import DEFAULT_ENGINE, Predictor, top_tags
 
 ENGINES = ("torch", "onnx", "onnx-int8")
 
@@ -77,7 +77,7 @@ def test_f1(predictors: dict[str, Predictor], test) -> dict:
     f1 = {}
     for engine, predictor in predictors.items():
         probabilities = predictor.predict_proba(list(test["title"]), list(test["description"]))
-        predicted = [predictor.classes[i] for i in probabilities.argmax(axis=1)]
+        predicted = top_tags(probabilities, predictor.classes)
         f1[engine] = float(f1_score(list(test["tag"]), predicted, average="weighted", zero_division=0))
     return f1
 

@@ -11,7 +11,6 @@ run's tuning session. The page works offline (system fonts, no CDN).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -26,16 +25,16 @@ import torch
 
 from demo.experiment import experiment_tab
 from demo.serving import ModelHolder, holder_for
+from flows.cli import parse_settings
 from tagifai.data import TEXT_COLUMNS, parse_table
 from tagifai.errors import DataError, UserError
 from tagifai.lifecycle.database import redact
-from tagifai.serving.predictor import Predictor
-from tagifai.settings import DEFAULT_EXPERIMENT_NAME, DEFAULT_MODEL_NAME
+from tagifai.serving.predictor import Predictor, tag_probabilities, top_tags
+from tagifai.settings import DEFAULT_MAX_SCORING_S, DemoSettings
 
 MAX_FIELD_CHARS = 5_000  # far beyond the tokenizer's max_length; keeps huge pastes cheap
 MAX_UPLOAD_SIZE = "5mb"
 MAX_CSV_ROWS = 20_000
-MAX_SCORING_S = 300  # a file whose estimated scoring time is longer is refused up front
 SCORING_CHUNK_ROWS = 256  # progress is reported after each chunk
 SANS_FONTS = ["Segoe UI", "Roboto", "Helvetica Neue", "Arial", "DejaVu Sans", "sans-serif"]
 MONO_FONTS = ["SFMono-Regular", "Menlo", "Consolas", "DejaVu Sans Mono", "monospace"]
@@ -70,8 +69,7 @@ def probabilities_by_tag(predictor: Predictor, title: str, description: str) -> 
     title, description = clip(title), clip(description)
     if not (title or description):
         raise gr.Error("Enter a title or a description (or both) to get a tag.", print_exception=False)
-    row = predictor.predict_proba([title], [description])[0]
-    return {tag: float(p) for tag, p in zip(predictor.classes, row)}
+    return tag_probabilities(predictor.predict_proba([title], [description])[0], predictor.classes)
 
 
 def read_upload(path: str) -> pd.DataFrame:
@@ -127,7 +125,7 @@ def score_frame(predictor: Predictor, frame: pd.DataFrame, on_progress=None) -> 
     for tag in predictor.classes:
         scored[f"probability_{tag}"] = float("nan")
     if rows:
-        scored.loc[rows, "prediction"] = [predictor.classes[k] for k in probabilities.argmax(axis=1)]
+        scored.loc[rows, "prediction"] = top_tags(probabilities, predictor.classes)
         for column, tag in enumerate(predictor.classes):
             scored.loc[rows, f"probability_{tag}"] = probabilities[:, column]
     return scored, len(frame) - len(rows)
@@ -143,7 +141,7 @@ def launch_options() -> dict:
     return {"theme": offline_theme(), "max_file_size": MAX_UPLOAD_SIZE, "share": False}
 
 
-def build_app(holder: ModelHolder, max_scoring_s: float = MAX_SCORING_S) -> gr.Blocks:
+def build_app(holder: ModelHolder, max_scoring_s: float = DEFAULT_MAX_SCORING_S) -> gr.Blocks:
     """The page. Named API endpoints: `predict` (title, description -> tag probabilities),
     `score_csv` (a CSV file -> the scored CSV) and `model_info` (what is served)."""
     output_dir = Path(tempfile.mkdtemp(prefix="tagifai-scored-"))
@@ -241,58 +239,12 @@ def build_app(holder: ModelHolder, max_scoring_s: float = MAX_SCORING_S) -> gr.B
     return demo
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m demo.app", description="Serve the tuned tag classifier as a web demo."
-    )
-    parser.add_argument(
-        "--run-id", help="MLflow run to serve, never reloaded (default: the champion, else the best run)"
-    )
-    parser.add_argument(
-        "--experiment-name",
-        default=DEFAULT_EXPERIMENT_NAME,
-        help=f"experiment searched for the best run (default: {DEFAULT_EXPERIMENT_NAME})",
-    )
-    parser.add_argument(
-        "--model-name",
-        default=DEFAULT_MODEL_NAME,
-        help=f"registered model whose 'champion' alias is served (default: {DEFAULT_MODEL_NAME})",
-    )
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
-    parser.add_argument(
-        "--reload-interval",
-        type=float,
-        default=60,
-        help="seconds between checks of the champion alias; a new champion is loaded in the background (0: off)",
-    )
-    parser.add_argument(
-        "--max-scoring-seconds",
-        type=float,
-        default=MAX_SCORING_S,
-        help=f"refuse CSV files whose estimated scoring time is longer (default: {MAX_SCORING_S})",
-    )
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on; 0.0.0.0 exposes it to the network (default: 127.0.0.1)",
-    )
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads per prediction; 1 keeps latency steady on a busy shared machine (default: torch's choice)",
-    )
-    args = parser.parse_args(argv)
-    if args.reload_interval < 0 or args.max_scoring_seconds <= 0:
-        parser.error("--reload-interval must be >= 0 and --max-scoring-seconds > 0")
-    return args
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    args = parse_args(argv)
+    args = parse_settings(
+        DemoSettings, argv, prog="python -m demo.app", description="Serve the tuned tag classifier as a web demo."
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

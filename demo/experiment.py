@@ -92,8 +92,7 @@ def session_runs(client, served_run) -> tuple[list, str]:
     experiment_id = served_run.info.experiment_id
     session = served_run.data.tags.get(tracking.TAG_SESSION)
     if session:
-        query = f"tags.`{tracking.TAG_SESSION}` = '{session}'"
-        runs = client.search_runs([experiment_id], filter_string=query, max_results=MAX_RUNS)
+        runs = tracking.find_runs(client, experiment_id, session, max_results=MAX_RUNS)
         return runs, f"tuning session `{session}`"
     runs = client.search_runs([experiment_id], max_results=MAX_RUNS)
     return runs, "the whole experiment (the served run has no tuning-session tag)"

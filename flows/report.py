@@ -1,4 +1,5 @@
-"""The short human summaries the CLIs print at the end (the full JSON is for --json and --results-fp)."""
+"""What the CLIs report: the tuning run's results (the JSON of --json and --results-fp), its log
+lines, and the short human summaries printed at the end."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from tagifai.behavioural import summary_line
+from tagifai.lifecycle.database import redact
 from tagifai.tuning.display import format_params, format_seconds
 
 
@@ -23,6 +25,72 @@ def process_started_at() -> Optional[float]:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, StopIteration, IndexError):
         return None
+
+
+def data_facts(data, data_key: str, splits=None) -> dict:
+    """The results' `data`: where the rows came from, their key (under the name the results JSON has
+    always given it, "fingerprint"), and, once split, the split sizes."""
+    facts = {"source": data.source, "fingerprint": data_key, "rows": len(data.frame)}
+    if splits is not None:
+        facts.update(train_rows=len(splits.train), val_rows=len(splits.val), test_rows=len(splits.test))
+    return facts
+
+
+def skipped_results(reason: str, champion, data: dict, cached: dict) -> dict:
+    """The results of a run that ended early (--skip-if-unchanged)."""
+    return {"skipped": True, "reason": reason, "champion_version": str(champion.version), "cached": cached,
+            "data": data}  # fmt: skip
+
+
+def tune_results(
+    settings, tracking_uri: str, study: dict, best: dict, evaluation: dict, version: str, decision: dict,
+    plots: dict, data: dict, cached: dict, timings: dict,
+) -> dict:  # fmt: skip
+    """The results of a tuning run: the best trial, its test and behavioural results, the gate's
+    decision, every trial, and where the data, the study and the time went."""
+    return {
+        "skipped": False,
+        "run_id": best["run_id"],
+        "experiment_name": settings.experiment_name,
+        "tracking_uri": redact(tracking_uri),
+        "registered_model": settings.registered_model_name,
+        "model_version": version,
+        "params": best["params"],
+        "val_loss": best["val_loss"],
+        "test": evaluation["test"],
+        "behavioural": evaluation["behavioural"],
+        "promotion": decision,
+        "trials": [{k: v for k, v in t.items() if k != "checkpoint_dir"} for t in study["trials"]],
+        "plots": plots,
+        "data": data,
+        "cached": cached,
+        "ray_experiment_dir": study["experiment_dir"],
+        "ray_log_file": study["log_file"],
+        "resumed": study["resumed"],
+        "timings": timings,
+    }
+
+
+def data_line(data, splits, cached: dict) -> str:
+    hits = ", ".join(name for name, hit in cached.items() if hit) or "none"
+    return (
+        f"data: {len(data.frame)} rows of {data.source} -> {len(splits.train)} train / {len(splits.val)} validation"
+        f" / {len(splits.test)} test, tags {', '.join(splits.class_to_index)} (cached: {hits})"
+    )
+
+
+def tuning_line(settings, tracking_uri: str) -> str:
+    return (
+        f"tuning: {settings.num_runs} trials x up to {settings.num_epochs} epochs, {settings.max_concurrent} at a "
+        f"time; MLflow {redact(tracking_uri)}, experiment {settings.experiment_name!r}"
+    )
+
+
+def best_line(best: dict, test: dict) -> str:
+    return (
+        f"best run {best['run_id']}: val_loss {best['val_loss']:.4f}, test F1 {test['f1']:.3f} | "
+        f"{format_params(best['params'])}"
+    )
 
 
 def per_class_table(per_class: dict) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Optional, Protocol
 import yaml
 
 from tagifai.errors import DataError
+from tagifai.serving.predictor import top_tags
 
 KINDS = ("invariance", "directional", "minimum")
 
@@ -87,8 +88,7 @@ def run_checks(predictor: TagPredictor, checks: dict) -> dict:
 
 
 def _predict(predictor: TagPredictor, texts: list[str]) -> list[str]:
-    probabilities = predictor.predict_proba(texts, [""] * len(texts))
-    return [predictor.classes[int(row.argmax())] for row in probabilities]
+    return top_tags(predictor.predict_proba(texts, [""] * len(texts)), predictor.classes)
 
 
 def summary_line(report: dict) -> str:

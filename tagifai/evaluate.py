@@ -8,7 +8,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from tagifai.data import project_texts
-from tagifai.serving.predictor import Predictor
+from tagifai.serving.predictor import Predictor, tag_probabilities, top_tags
 
 SHORT_TEXT_WORDS = 5  # cleaned words; titles-only listings are the usual case
 VISION_TERMS = {
@@ -92,6 +92,7 @@ def hardest_examples(frame: pd.DataFrame, probabilities: np.ndarray, classes: li
     """Per true tag, the k examples given the lowest probability of their own tag."""
     index = {tag: i for i, tag in enumerate(classes)}
     own = probabilities[np.arange(len(frame)), [index[tag] for tag in frame["tag"]]]
+    predicted = top_tags(probabilities, classes)
     hardest = {}
     for tag in classes:
         rows = np.flatnonzero((frame["tag"] == tag).to_numpy())
@@ -99,9 +100,9 @@ def hardest_examples(frame: pd.DataFrame, probabilities: np.ndarray, classes: li
             {
                 "title": frame["title"].iloc[i],
                 "description": frame["description"].iloc[i],
-                "predicted": classes[int(probabilities[i].argmax())],
+                "predicted": predicted[i],
                 "probability_of_true_tag": float(own[i]),
-                "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probabilities[i])},
+                "probabilities": {c: round(p, 4) for c, p in tag_probabilities(probabilities[i], classes).items()},
             }
             for i in rows[np.argsort(own[rows], kind="stable")][:k]
         ]
@@ -111,7 +112,7 @@ def hardest_examples(frame: pd.DataFrame, probabilities: np.ndarray, classes: li
 def evaluation_report(frame: pd.DataFrame, probabilities: np.ndarray, classes: list[str]) -> dict:
     """Everything `evaluate_frame` reports, from probabilities (testable without a model)."""
     true_tags = list(frame["tag"])
-    predicted = [classes[i] for i in probabilities.argmax(axis=1)]
+    predicted = top_tags(probabilities, classes)
     report = classification_metrics(true_tags, predicted, classes)
     report["confusion_matrix"] = {
         "labels": classes,  # rows: true tag, columns: predicted tag

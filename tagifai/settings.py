@@ -1,7 +1,9 @@
-"""Typed settings: the one place where the flows' options, defaults and help texts live.
+"""Typed settings: the one place where the options, defaults and help texts of the flows and the
+demo live.
 
 The CLIs are generated from these models (flows/cli.py), the Prefect flows take them as
-parameters, and the core functions receive them as arguments. Nothing here reads the environment.
+parameters, and the core functions receive them as arguments. Nothing here reads the environment
+at import; `user_cache_dir()` reads $XDG_CACHE_HOME when it is called.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ DEFAULT_SEED = 1234
 # all depths tried and no lower F1 than training every layer, at half the training FLOPs.
 TRAINABLE_LAYERS_DEFAULT = 2
 DEFAULT_INITIAL_PARAMS = [search_space.default_point()]
+DEFAULT_MAX_SCORING_S = 300  # the demo refuses a CSV whose estimated scoring time is longer
 
 
 def user_cache_dir() -> Path:
@@ -55,6 +58,8 @@ class TuneSettings(BaseModel):
         '"lr_factor": 0.8, "lr_patience": 3}]\' (a bare dict or {"train_loop_config": {...}} works too). '
         f"Search space: {search_space.describe()}.",
     )
+    # The names follow the Made With ML course's CLI: num_runs counts trials (what Ray Tune calls
+    # num_samples), num_samples counts dataset rows.
     num_runs: int = Field(4, ge=1, description="Number of tuning trials (Ray Tune num_samples).")
     num_samples: Optional[int] = Field(
         None, ge=10, description="Use only this many rows of the shuffled dataset (quick runs)."
@@ -222,3 +227,32 @@ class PromoteSettings(BaseModel):
         if len(chosen) != 1:
             raise ValueError("give exactly one of --version N, --rollback or --history")
         return self
+
+
+class DemoSettings(BaseModel):
+    """Options of `python -m demo.app`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: Optional[str] = Field(
+        None, description="MLflow run to serve, never reloaded; default: the champion, else the best run."
+    )
+    experiment_name: str = Field(DEFAULT_EXPERIMENT_NAME, description="Experiment searched for the best run.")
+    model_name: str = Field(DEFAULT_MODEL_NAME, description="Registered model whose 'champion' alias is served.")
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default as for flows.tune).")
+    reload_interval: float = Field(
+        60,
+        ge=0,
+        description="Seconds between checks of the champion alias; a new champion is loaded in the background "
+        "(0: off).",
+    )
+    max_scoring_seconds: float = Field(
+        DEFAULT_MAX_SCORING_S, gt=0, description="Refuse CSV files whose estimated scoring time is longer."
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 exposes it to the network.")
+    port: int = Field(7860, description="Port to listen on.")
+    threads: Optional[int] = Field(
+        None,
+        description="Torch threads per prediction (none: torch's choice); 1 keeps latency steady on a busy "
+        "shared machine.",
+    )

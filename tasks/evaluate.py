@@ -16,7 +16,7 @@ from tagifai import plots
 from tagifai.behavioural import load_checks, run_checks, summary_line
 from tagifai.evaluate import evaluation_report
 from tagifai.lifecycle import tracking
-from tagifai.serving.predictor import Predictor
+from tagifai.serving.predictor import Predictor, top_tags
 
 
 @task(name="evaluate-best", cache_policy=NO_CACHE)
@@ -30,7 +30,7 @@ def evaluate_challenger(checkpoint_dir: str, test: pd.DataFrame, checks_path: Op
     get_run_logger().info("behavioural checks: %s", summary_line(behavioural))
     return {
         "test": report,
-        "predicted": [predictor.classes[i] for i in probabilities.argmax(axis=1)],
+        "predicted": top_tags(probabilities, predictor.classes),
         "behavioural": behavioural,
     }
 

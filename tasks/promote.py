@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tagifai.lifecycle import promotion, registry
+from tagifai.lifecycle import promotion
 from tagifai.lifecycle.promotion import GateRules
 from tagifai.lifecycle.tracking import with_retries
 
@@ -32,53 +32,21 @@ def promote_if_better(
     rules: GateRules,
     seed: int,
 ) -> dict:
+    """The gate's decision (tagifai/lifecycle/promotion.py run_gate), timed, tagged on both
+    versions, published as the `promotion` artifact and logged."""
     started = time.perf_counter()
     client = MlflowClient(tracking_uri)
-    before = registry.champion(client, model_name)
-    before_version = str(before.version) if before else None
-    challenger = {k: evaluation["test"][k] for k in ("f1", "per_class")}
-    champion_scores, incompatible, noise = None, None, None
-    if before is not None and before_version != challenger_version:
-        predictor, incompatible = promotion.load_champion(client, before)
-        if predictor is not None:
-            compared = promotion.compare(challenger, evaluation["predicted"], predictor, test, seed)
-            incompatible = compared.get("incompatible")
-            champion_scores, noise = compared.get("scores"), compared.get("noise")
-    behavioural = evaluation["behavioural"]
-    gate_rules = GateRules(rules.min_improvement, rules.max_class_drop, force=False)
-    passes, reason = promotion.decide(
-        challenger, champion_scores, behavioural["passed"], gate_rules, incompatible, noise
-    )
-    forced = not passes and rules.force
-    if forced:
-        _, reason = promotion.decide(challenger, champion_scores, behavioural["passed"], rules, incompatible, noise)
-    elif passes and rules.force:
-        reason += " (--force-promote was given but not needed)"
-    promoted = passes or forced
-    if promoted:
-        registry.move_alias(client, model_name, challenger_version, reason, "forced" if forced else "gate")
-
-    decision = {
-        "promoted": promoted,
-        "reason": reason,
-        "forced": forced,
-        "champion_version_before": before_version,
-        "champion_version_after": challenger_version if promoted else before_version,
-        "challenger_version": challenger_version,
-        "challenger": challenger,
-        "champion": {k: champion_scores[k] for k in ("f1", "per_class")} if champion_scores else None,
-        "noise": noise,
-        "behavioural": {"passed": behavioural["passed"], "failures": behavioural["failures"]},
-        "gate_seconds": round(time.perf_counter() - started, 2),
-    }
+    decision = promotion.run_gate(client, model_name, challenger_version, evaluation, test, rules, seed)
+    decision["gate_seconds"] = round(time.perf_counter() - started, 2)
     _tag_versions(client, model_name, decision)
     create_markdown_artifact(key="promotion", markdown=decision_markdown(model_name, decision),
                              description="Did this run's best model become the champion, and why")  # fmt: skip
-    if promoted:
+    before_version = decision["champion_version_before"]
+    if decision["promoted"]:
         outcome = f"version {challenger_version} is the champion now (before: {before_version or 'none'})"
     else:
         outcome = f"version {challenger_version} not promoted; the champion stays {before_version or 'none'}"
-    get_run_logger().info("promotion: %s: %s", outcome, reason)
+    get_run_logger().info("promotion: %s: %s", outcome, decision["reason"])
     return decision
 
 

@@ -17,14 +17,14 @@ def register_best(
     model_name: str,
     run_id: str,
     test_metrics: dict,
-    data_fingerprint: str,
+    data_key: str,
     settings_fingerprint: str,
 ) -> str:
     """Every challenger becomes a version (so it can be promoted later), tagged with what it was
     trained on, which is what --skip-if-unchanged compares."""
     client = MlflowClient(tracking_uri)
     tracking.mark_best(client, run_id, test_metrics)
-    tags = {registry.TAG_DATA_FINGERPRINT: data_fingerprint, registry.TAG_SETTINGS_FINGERPRINT: settings_fingerprint}
+    tags = {registry.TAG_DATA_KEY: data_key, registry.TAG_SETTINGS_FINGERPRINT: settings_fingerprint}
     return registry.register_version(client, model_name, run_id, tags)
 
 

@@ -159,9 +159,8 @@ def test_without_ray_address_the_flow_starts_its_own_ray_next_to_a_cluster(ray_h
         env.pop("RAY_ADDRESS", None)
         script = (
             "import ray\n"
-            "from tagifai.settings import TuneSettings\n"
             "from tagifai.tuning.study import connect_ray\n"
-            "started = connect_ray(TuneSettings())\n"
+            "started = connect_ray()\n"
             "print('RESULT', started, ray.get_runtime_context().gcs_address)\n"
             "ray.shutdown()\n"
         )

@@ -10,7 +10,7 @@ set's noise is told by a paired bootstrap (see `paired_bootstrap`); it informs, 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,9 +19,10 @@ import pandas as pd
 
 from tagifai.errors import UserError
 from tagifai.evaluate import classification_metrics
+from tagifai.lifecycle import registry
 from tagifai.lifecycle.tracking import download_checkpoint
 from tagifai.metrics import weighted_f1
-from tagifai.serving.predictor import Predictor
+from tagifai.serving.predictor import Predictor, top_tags
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -104,10 +105,58 @@ def decide(
     )
 
 
+def verdict(rules: GateRules, evidence: dict) -> tuple[bool, bool, str]:
+    """(promote?, forced?, reason) from `evidence`, the arguments of `decide` but the rules. The
+    gate first decides on its own rules, so that a forced promotion is told apart from one the
+    challenger earned (and a needless --force-promote is said)."""
+    passes, reason = decide(rules=replace(rules, force=False), **evidence)
+    forced = not passes and rules.force
+    if forced:
+        _, reason = decide(rules=rules, **evidence)
+    elif passes and rules.force:
+        reason += " (--force-promote was given but not needed)"
+    return passes or forced, forced, reason
+
+
+def run_gate(
+    client, model_name: str, challenger_version: str, evaluation: dict, test: pd.DataFrame, rules: GateRules, seed: int
+) -> dict:
+    """Score the champion on the challenger's test rows, decide, and move the alias if the
+    challenger wins. Returns the decision record (the results JSON's `promotion`)."""
+    before = registry.champion(client, model_name)
+    before_version = str(before.version) if before else None
+    challenger = {k: evaluation["test"][k] for k in ("f1", "per_class")}
+    champion_scores, incompatible, noise = None, None, None
+    if before is not None and before_version != challenger_version:
+        predictor, incompatible = load_champion(client, before)
+        if predictor is not None:
+            compared = compare(challenger, evaluation["predicted"], predictor, test, seed)
+            incompatible = compared.get("incompatible")
+            champion_scores, noise = compared.get("scores"), compared.get("noise")
+    behavioural = evaluation["behavioural"]
+    evidence = {"challenger": challenger, "champion": champion_scores, "behavioural_passed": behavioural["passed"],
+                "incompatible": incompatible, "noise": noise}  # fmt: skip
+    promoted, forced, reason = verdict(rules, evidence)
+    if promoted:
+        registry.move_alias(client, model_name, challenger_version, reason, "forced" if forced else "gate")
+    return {
+        "promoted": promoted,
+        "reason": reason,
+        "forced": forced,
+        "champion_version_before": before_version,
+        "champion_version_after": challenger_version if promoted else before_version,
+        "challenger_version": challenger_version,
+        "challenger": challenger,
+        "champion": {k: champion_scores[k] for k in ("f1", "per_class")} if champion_scores else None,
+        "noise": noise,
+        "behavioural": {"passed": behavioural["passed"], "failures": behavioural["failures"]},
+    }
+
+
 def score_on(predictor, test: pd.DataFrame) -> tuple[dict, list[str]]:
     """Weighted and per-class metrics of `predictor` on the labelled `test` rows, and its predicted tags."""
     probabilities = predictor.predict_proba(list(test["title"]), list(test["description"]))
-    predicted = [predictor.classes[i] for i in probabilities.argmax(axis=1)]
+    predicted = top_tags(probabilities, predictor.classes)
     return classification_metrics(list(test["tag"]), predicted, predictor.classes), predicted
 
 

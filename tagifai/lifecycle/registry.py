@@ -23,7 +23,9 @@ from tagifai.errors import TrackingError
 from tagifai.lifecycle.tracking import CHAMPION_ALIAS, CHECKPOINT_ARTIFACT, with_retries
 
 MOVE_TAG_PREFIX = "tagifai.champion_move."
-TAG_DATA_FINGERPRINT = "tagifai.data_fingerprint"  # what a version was trained on (skip-if-unchanged)
+# The data key a version was trained on (skip-if-unchanged); the tag keeps its first name, which
+# the versions registered so far carry.
+TAG_DATA_KEY = "tagifai.data_fingerprint"
 TAG_SETTINGS_FINGERPRINT = "tagifai.settings_fingerprint"
 MOVE_KINDS = ("gate", "forced", "manual", "rollback")
 
@@ -132,8 +134,8 @@ def _os_user() -> str:
 
 
 def trained_on(version) -> tuple[Optional[str], Optional[str]]:
-    """(data fingerprint, settings fingerprint) a version was trained on, as tagged at registration."""
-    return version.tags.get(TAG_DATA_FINGERPRINT), version.tags.get(TAG_SETTINGS_FINGERPRINT)
+    """(data key, settings fingerprint) a version was trained on, as tagged at registration."""
+    return version.tags.get(TAG_DATA_KEY), version.tags.get(TAG_SETTINGS_FINGERPRINT)
 
 
 def hyperparameters_of(client: MlflowClient, version) -> Optional[dict]:

@@ -1,4 +1,5 @@
-"""MLflow: where runs go, one run per trial, the best run's test metrics and its registration.
+"""MLflow tracking: where runs go, one run per trial attempt, the best run's test metrics and its
+checkpoint (registering it as a model version is tagifai/lifecycle/registry.py's job).
 
 All writes go through an explicit `MlflowClient` with explicit run ids: no global active run that
 could be left RUNNING, and (from the Ray driver) a single writer process for a SQLite store.
@@ -163,13 +164,17 @@ def log_epoch(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> N
     with_retries(lambda: client.log_batch(run_id, metrics=batch))
 
 
-def find_runs(client: MlflowClient, experiment_id: str, session: str, trial_id: str | None = None, status=None):
+def find_runs(
+    client: MlflowClient, experiment_id: str, session: str, trial_id: str | None = None, status=None, **search
+):
+    """The runs of a tuning session (of one trial, in one status), newest first; `search` goes to
+    `search_runs` (e.g. max_results)."""
     query = f"tags.`{TAG_SESSION}` = '{session}'"
     if trial_id is not None:
         query += f" AND tags.`{TAG_TRIAL}` = '{trial_id}'"
     if status is not None:
         query += f" AND attributes.status = '{status}'"
-    return client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+    return client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], **search)
 
 
 def close_session_runs(client: MlflowClient, experiment_id: str, session: str, status: str = "KILLED") -> int:
@@ -237,14 +242,6 @@ def download_checkpoint(client: MlflowClient, run_id: str, destination: Optional
     except (MlflowException, OSError) as error:
         raise TrackingError(f"run {run_id} has no readable checkpoint artifact: {error}") from None
     return Path(local)
-
-
-def champion_run_id(client: MlflowClient, model_name: str, alias: str = CHAMPION_ALIAS) -> Optional[str]:
-    """The run behind the registered model's alias, or None when nothing is registered."""
-    try:
-        return client.get_model_version_by_alias(model_name, alias).run_id
-    except MlflowException:
-        return None
 
 
 def metric_histories(client: MlflowClient, run_id: str, keys=("train_loss", "val_loss", "val_f1")) -> dict:

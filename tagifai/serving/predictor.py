@@ -1,8 +1,8 @@
 """Load a checkpoint once and predict tags with their probabilities.
 
-Predictions run in ONNX Runtime where it is installed and the checkpoint exports (tagifai/
-onnx_engine.py: same probabilities to ~1e-6, faster; `python -m benchmarks.run` measures it), else in
-PyTorch. The demo, `flows.predict`, `flows.evaluate` and the tuning flow's evaluation all
+Predictions run in ONNX Runtime where it is installed and the checkpoint exports
+(tagifai/serving/onnx_engine.py: same probabilities to ~1e-6, faster; `python -m benchmarks.run`
+measures it), else in PyTorch. The demo, `flows.predict`, `flows.evaluate` and the tuning flow's evaluation all
 predict through `Predictor`. $TAGIFAI_INFERENCE_ENGINE picks the engine by hand: `torch`,
 `onnx` (fp32), `onnx-int8`, or `auto` (the default, DEFAULT_ENGINE).
 """
@@ -31,6 +31,16 @@ ENGINES = ("auto", "onnx", "onnx-int8", "torch")
 # fp32: the int8 graph ran faster but moved test F1 on the real data by 0.0068, past the 0.005 allowed
 # (0.8894 -> 0.8826 on its 153 test rows, `inference.int8_f1_change`); `onnx-int8` keeps it one switch away.
 DEFAULT_ENGINE = "onnx"
+
+
+def top_tags(probabilities: np.ndarray, classes: Sequence[str]) -> list[str]:
+    """The most likely tag of each row of `probabilities` (columns in `classes` order)."""
+    return [classes[int(i)] for i in probabilities.argmax(axis=1)]
+
+
+def tag_probabilities(row: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """One row of probabilities as {tag: probability}."""
+    return {tag: float(p) for tag, p in zip(classes, row)}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -84,12 +94,10 @@ class Predictor:
 
     def predict(self, titles: Sequence[str], descriptions: Sequence[str]) -> list[dict]:
         probabilities = self.predict_proba(titles, descriptions)
+        tags = top_tags(probabilities, self.classes)
         return [
-            {
-                "prediction": self.classes[int(row.argmax())],
-                "probabilities": {tag: float(p) for tag, p in zip(self.classes, row)},
-            }
-            for row in probabilities
+            {"prediction": tag, "probabilities": tag_probabilities(row, self.classes)}
+            for tag, row in zip(tags, probabilities)
         ]
 
 

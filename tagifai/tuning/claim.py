@@ -43,7 +43,7 @@ class Claim:
 
 
 @contextlib.contextmanager
-def claim_experiment_dir(storage: str, settings: TuneSettings, data_fingerprint: str) -> Iterator[Claim]:
+def claim_experiment_dir(storage: str, settings: TuneSettings, data_key: str) -> Iterator[Claim]:
     """A stable folder per (data, settings), held while in use.
 
     An interrupted run leaves its folder unfinished and free, so the same command resumes it; a
@@ -51,7 +51,7 @@ def claim_experiment_dir(storage: str, settings: TuneSettings, data_fingerprint:
     folder is held with `flock` (the OS drops it when its process dies, even by SIGKILL); an s3://
     folder with a lease object that the flow keeps renewing (tagifai/tuning/lease.py).
     """
-    parts = [training_fingerprint(settings), settings.experiment_name, data_fingerprint]
+    parts = [training_fingerprint(settings), settings.experiment_name, data_key]
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     base = f"{settings.experiment_name}-{key[:10]}"
     claim = _claim_remote if storage_lib.is_remote(storage) else _claim_local

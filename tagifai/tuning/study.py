@@ -122,7 +122,7 @@ class TrialTracker(tune.Callback):
         self._end(trial, "FAILED")
 
 
-def connect_ray(settings: TuneSettings) -> bool:
+def connect_ray() -> bool:
     """Join $RAY_ADDRESS's cluster if set, else start a local one; True if we started it."""
     if ray.is_initialized():
         return False
@@ -251,7 +251,7 @@ def tune_hyperparameters(
     settings: TuneSettings,
     tracking_uri: str,
     experiment_id: str,
-    data_fingerprint: str,
+    data_key: str,
     display=None,
     announce: Callable[[str], None] = logger.info,
 ) -> dict:
@@ -262,7 +262,7 @@ def tune_hyperparameters(
     Returns {"experiment_dir", "resumed", "trials": [one row per trial], "log_file"}.
     """
     client = MlflowClient(tracking_uri)
-    with claim_experiment_dir(settings.storage_path, settings, data_fingerprint) as claim:
+    with claim_experiment_dir(settings.storage_path, settings, data_key) as claim:
         session = claim.name
         resumed = tune.Tuner.can_restore(claim.uri)
         # Tune snapshots its experiment state (which trials exist) every >= 10 s by default. A trial
@@ -276,7 +276,7 @@ def tune_hyperparameters(
         if not settings.verbose:
             announce(f"Ray and trial logs: {log_file}")
         with ray_logs_to(log_file, settings.verbose):
-            started_ray = connect_ray(settings)
+            started_ray = connect_ray()
             try:
                 check_resources(settings)
                 tracker = TrialTracker(tracking_uri, experiment_id, session=session, experiment_uri=claim.uri)

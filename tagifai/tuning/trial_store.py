@@ -47,10 +47,6 @@ class TrialRecord:
     finished: bool = False  # the trial trained its last epoch
 
     @property
-    def best_epoch(self) -> Optional[dict]:
-        return min(self.epochs, key=lambda m: m["val_loss"]) if self.epochs else None
-
-    @property
     def last_checkpoint_epoch(self) -> int:
         return checkpoint_epoch(self.best_checkpoint) if self.best_checkpoint else 0
 
