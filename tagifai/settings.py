@@ -248,7 +248,9 @@ class ScoreSettings(BaseModel):
         10_000, ge=1, description="Rows read, scored and written per chunk: memory, progress lines and resume unit."
     )
     batch_rows: int = Field(1024, ge=1, description="Rows per call of the model's predict().")
-    overwrite: bool = Field(False, description="Replace a completed output (without it, a completed output is refused).")
+    overwrite: bool = Field(
+        False, description="Replace a completed output (without it, a completed output is refused)."
+    )
     ray_actors: Optional[int] = Field(
         None, ge=1, description="With RAY_ADDRESS set: model replicas on the cluster (default: one per cluster CPU)."
     )

@@ -188,8 +188,8 @@ def prepare_job(settings: ScoreSettings, tracking_uri: str, emit: Callable[[str]
     model = load_model(model_ref.load_uri, tracking_uri)
     probabilities = probability_columns(model)
     total_rows = count_rows(source, columns)
-    job_record = {"input": settings.input, "model_uri": settings.model_uri, "keep_columns": keep,
-                  "chunk_rows": settings.chunk_rows, "rows": total_rows, "model_version": model_ref.version}  # fmt: skip
+    job_record = dict(input=settings.input, model_uri=settings.model_uri, keep_columns=keep,
+                      chunk_rows=settings.chunk_rows, rows=total_rows, model_version=model_ref.version)  # fmt: skip
     previous = store.prepare(job_record, settings.overwrite)
     if previous and previous["model_version"] != model_ref.version:
         emit(f"resuming with version {previous['model_version']}, which scored the first parts ({settings.model_uri} "

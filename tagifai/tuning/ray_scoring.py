@@ -56,8 +56,9 @@ def read_dataset(job: ScoringJob):
                                      ray_remote_args=remote)  # fmt: skip
     if formats == {"csv"}:
         convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in TEXT_COLUMNS}, include_columns=job.columns)
+        parse = pacsv.ParseOptions(newlines_in_values=True)
         return ray.data.read_csv(source.files, filesystem=source.filesystem, convert_options=convert,
-                                 parse_options=pacsv.ParseOptions(newlines_in_values=True), ray_remote_args=remote)  # fmt: skip
+                                 parse_options=parse, ray_remote_args=remote)  # fmt: skip
     raise DataError(f"{job.settings.input} mixes CSV and Parquet parts: on a Ray cluster, give one format")
 
 
