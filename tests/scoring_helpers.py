@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
-from processes import REPO
+from processes import REPO, running, tail
 
 MODEL_CODE = Path(__file__).with_name("scoring_model.py")
 TEST_MODEL_NAME = "score-test"
@@ -61,6 +64,19 @@ def score_env(tmp_path: Path, **extra: str) -> dict:
     return env
 
 
-def run_score(tmp_path: Path, *arguments: str, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(score_command(*arguments), cwd=REPO, env=score_env(tmp_path, **extra_env),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+@dataclass
+class Finished:
+    returncode: int
+    output: str  # stdout and stderr together
+
+
+def run_score(tmp_path: Path, *arguments: str, timeout: float = 300, **extra_env: str) -> Finished:
+    """`python -m flows.score` in a session of its own; whatever it started (its temporary Prefect
+    server) is stopped with it, also on a timeout."""
+    log_path = tmp_path / f"score-{uuid.uuid4().hex[:8]}.log"
+    with running(score_command(*arguments), log_path, score_env(tmp_path, **extra_env)) as process:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"python -m flows.score still running after {timeout}s\n{tail(log_path)}")
+    return Finished(process.returncode, log_path.read_text(errors="replace"))

@@ -228,11 +228,11 @@ def test_the_cli_scores_a_file_and_says_what_is_wrong_in_one_line(registry, tmp_
     common = ["--model-uri", MODEL_URI, "--tracking-uri", registry]
     done = run_score(tmp_path, "--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "out.parquet"),
                      "--results-fp", str(tmp_path / "r.json"), "--json", *common)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.output[-3000:]
     assert len(pd.read_parquet(tmp_path / "out.parquet")) == 3000
-    assert '"rows_scored": 3000' in done.stdout and '"rows_scored": 3000' in (tmp_path / "r.json").read_text()
+    assert '"rows_scored": 3000' in done.output and '"rows_scored": 3000' in (tmp_path / "r.json").read_text()
     again = run_score(tmp_path, "--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "out.parquet"), *common)
     assert again.returncode == 1
-    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "pass --overwrite" in errors[0], again.stderr[-3000:]
-    assert "Traceback" not in again.stderr
+    errors = [line for line in again.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "pass --overwrite" in errors[0], again.output[-3000:]
+    assert "Traceback" not in again.output

@@ -12,6 +12,7 @@ Ray is imported inside the functions: importing this module starts nothing and n
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 
@@ -23,6 +24,8 @@ from tagifai.serving.batch import ScoringJob, load_model, score_table
 from tagifai.serving.batch_io import TEXT_COLUMNS, conform
 
 NODE_COLUMN = "_scored_on_node"
+ACTORS_START_S = 600  # replicas load the model (and start Python) on busy nodes
+MAX_BLOCKS = 10_000
 
 
 class ChunkScorer:
@@ -43,22 +46,24 @@ class ChunkScorer:
         return scored.append_column(NODE_COLUMN, pa.array([self.node_id] * scored.num_rows, pa.string()))
 
 
-def read_dataset(job: ScoringJob):
-    """The input as a Ray Dataset of the columns scoring needs, files in name order."""
+def read_dataset(job: ScoringJob, actors: int):
+    """The input as a Ray Dataset of the columns scoring needs, files in name order, in blocks of
+    about one batch (a single file would otherwise be one block, scored by one actor alone)."""
     import ray.data
 
     source = job.source
+    blocks = max(actors, min(MAX_BLOCKS, math.ceil(job.total_rows / job.settings.batch_rows)))
     formats = {source.format(path) for path in source.files}
     # Reading is light next to scoring: read tasks ask for no CPU, so that actors may hold them all.
     remote = {"num_cpus": 0}
     if formats == {"parquet"}:
         return ray.data.read_parquet(source.files, filesystem=source.filesystem, columns=job.columns,
-                                     ray_remote_args=remote)  # fmt: skip
+                                     ray_remote_args=remote, override_num_blocks=blocks)  # fmt: skip
     if formats == {"csv"}:
         convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in TEXT_COLUMNS}, include_columns=job.columns)
         parse = pacsv.ParseOptions(newlines_in_values=True)
         return ray.data.read_csv(source.files, filesystem=source.filesystem, convert_options=convert,
-                                 parse_options=parse, ray_remote_args=remote)  # fmt: skip
+                                 parse_options=parse, ray_remote_args=remote, override_num_blocks=blocks)  # fmt: skip
     raise DataError(f"{job.settings.input} mixes CSV and Parquet parts: on a Ray cluster, give one format")
 
 
@@ -89,7 +94,9 @@ def _scored_chunks(job: ScoringJob, rows_by_node: dict, emit: Callable[[str], No
     fields = {"load_uri": job.model_ref.load_uri, "tracking_uri": job.tracking_uri, "schema": job.schema,
               "keep_columns": job.settings.kept_columns(), "version": job.model_ref.version,
               "probabilities": job.probabilities, "batch_rows": job.settings.batch_rows}  # fmt: skip
-    scored = read_dataset(job).map_batches(
+    # Every replica loaded before the first batch is handed out: else the first one up takes all the work.
+    context.wait_for_min_actors_s = ACTORS_START_S
+    scored = read_dataset(job, actors).map_batches(
         ChunkScorer,
         fn_constructor_kwargs={"job_fields": fields},
         concurrency=actors,
