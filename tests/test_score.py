@@ -236,3 +236,21 @@ def test_the_cli_scores_a_file_and_says_what_is_wrong_in_one_line(registry, tmp_
     errors = [line for line in again.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "pass --overwrite" in errors[0], again.output[-3000:]
     assert "Traceback" not in again.output
+
+
+@pytest.mark.slow
+def test_an_s3_folder_of_parts_as_the_storage_path_reaches_it(registry, tmp_path, monkeypatch):
+    from services import seaweedfs
+
+    rows = make_rows(700, seed=9)
+    with seaweedfs(tmp_path / "weed") as server:
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        bucket = server.create_bucket("listings")
+        client = server.client()
+        for index, start in enumerate(range(0, 700, 300)):
+            rows.iloc[start : start + 300].to_parquet(tmp_path / "part.parquet")
+            client.upload_file(str(tmp_path / "part.parquet"), bucket, f"daily/part-{index}.parquet")
+        summary = score(registry, settings(tmp_path, f"s3://{bucket}/daily", chunk_rows=128))
+    assert summary["rows_scored"] == 700
+    assert list(pd.read_parquet(tmp_path / "out.parquet")["id"]) == list(rows["id"])

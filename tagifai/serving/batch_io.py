@@ -251,8 +251,12 @@ class OutputStore:
                     f"{self.path} holds an unfinished run of another job (different {', '.join(differs)}); "
                     "pass --overwrite to start over"
                 )
-            for stale in self.parts_dir.glob(".part-*"):  # a part that was being written when the run died
-                stale.unlink(missing_ok=True)
+            # a part, or the assembled file, that was being written when the run died
+            stale = list(self.parts_dir.glob(".part-*"))
+            if self.single_format:
+                stale += self.path.parent.glob(f".{self.path.name}.*.tmp")
+            for path in stale:
+                path.unlink(missing_ok=True)
             return previous
         if self.parts_dir.exists() and any(self.parts_dir.iterdir()):
             raise OutputExistsError(f"the output {self.parts_dir} exists and is not empty; choose another path")
