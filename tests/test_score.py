@@ -254,3 +254,17 @@ def test_an_s3_folder_of_parts_as_the_storage_path_reaches_it(registry, tmp_path
         summary = score(registry, settings(tmp_path, f"s3://{bucket}/daily", chunk_rows=128))
     assert summary["rows_scored"] == 700
     assert list(pd.read_parquet(tmp_path / "out.parquet")["id"]) == list(rows["id"])
+
+
+def test_a_run_that_died_while_assembling_the_file_completes_without_scoring(registry, tmp_path, monkeypatch):
+    make_rows(500, seed=10).to_csv(tmp_path / "in.csv", index=False)
+    options = settings(tmp_path, tmp_path / "in.csv", "out.csv", chunk_rows=200)
+    monkeypatch.setattr(batch.OutputStore, "commit", lambda self, n, summary: (_ for _ in ()).throw(Interrupted))
+    with pytest.raises(Interrupted):
+        score(registry, options)
+    monkeypatch.undo()
+    (tmp_path / ".out.csv.4242.tmp").write_text("id,prediction\n1,half")  # the assembly the kill cut short
+    assert not (tmp_path / "out.csv").exists()
+    summary = score(registry, options)
+    assert summary["chunks_resumed"] == 3 and summary["rows_scored_this_run"] == 0 and summary["rows_scored"] == 500
+    assert len(pd.read_csv(tmp_path / "out.csv")) == 500 and not list(tmp_path.glob(".out.csv*"))
