@@ -85,6 +85,7 @@ def test_the_same_command_on_a_two_node_cluster_spreads_the_work_and_writes_the_
         on_cluster = run_score(tmp_path, *common, *cluster_output, timeout=600, RAY_ADDRESS=address, **auth_env)
     assert on_cluster.returncode == 0, on_cluster.output[-5000:]
     summary = json.loads((tmp_path / "cluster.json").read_text())
+    print("two-node cluster run:", {key: summary[key] for key in ("rows_per_s", "seconds", "rows_by_node")})
     assert summary["engine"] == "ray" and summary["rows_scored"] == 6000
     assert len(summary["rows_by_node"]) == 2 and all(n > 0 for n in summary["rows_by_node"].values()), summary
     assert sum(summary["rows_by_node"].values()) == 6000
