@@ -256,3 +256,49 @@ class DemoSettings(BaseModel):
         description="Torch threads per prediction (none: torch's choice); 1 keeps latency steady on a busy "
         "shared machine.",
     )
+
+
+class ScoreSettings(BaseModel):
+    """Options of `python -m flows.score` and of the `score-batch` Prefect flow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(
+        ...,
+        description="Rows to score: a CSV or Parquet file, an http(s) URL, an s3://bucket/key (reached through "
+        "AWS_ENDPOINT_URL and the AWS credential variables), or a folder (or s3:// prefix) of such parts. "
+        "Needs `id` and `title` columns; `description` is optional.",
+    )
+    output: str = Field(
+        ...,
+        description="Where the scores go: a .parquet or .csv file, or (any other name) a folder of Parquet parts.",
+    )
+    model_uri: str = Field(
+        f"models:/{DEFAULT_MODEL_NAME}@champion", description="MLflow Model to score with (alias, version or URI)."
+    )
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default as for flows.tune).")
+    keep_columns: str = Field("", description="Comma-separated input columns copied into the output beside `id`.")
+    chunk_rows: int = Field(
+        10_000, ge=1, description="Rows read, scored and written per chunk: memory, progress lines and resume unit."
+    )
+    batch_rows: int = Field(1024, ge=1, description="Rows per call of the model's predict().")
+    overwrite: bool = Field(
+        False, description="Replace a completed output (without it, a completed output is refused)."
+    )
+    ray_actors: Optional[int] = Field(
+        None, ge=1, description="With RAY_ADDRESS set: model replicas on the cluster (default: one per cluster CPU)."
+    )
+    results_fp: Optional[str] = Field(None, description="Write the run's JSON summary to this file.")
+    json_output: bool = Field(
+        False, description="Print the full JSON summary instead of a short one.", json_schema_extra={"cli": "--json"}
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _local_output(cls, value: str) -> str:
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError("the output must be a local path (a file or a folder)")
+        return value.removeprefix("file://")
+
+    def kept_columns(self) -> list[str]:
+        return [name.strip() for name in self.keep_columns.split(",") if name.strip()]
