@@ -4,10 +4,11 @@ One worker thread takes every request waiting (up to `max_batch_size`) and runs 
 requests that arrive meanwhile form the next batch. Nothing waits on a timer: a lone request runs
 at once, and under load the batch grows to what queued up during the previous forward pass.
 
-Why not Gradio's `batch=True`: there a `gr.Error` raised for one request (an empty title and
-description) fails every request in its batch, and its `validator=` hook turns that error into a
-different exception for API clients. Here each request is checked on its own before it joins a
-batch, so a bad request gets its own message and its neighbours their answers.
+Why not Gradio's `batch=True` (cheaper per request, benchmarks/RESULTS.md section 8): there a
+`gr.Error` raised for one request (an empty title and description) fails every request in its
+batch, and the `validator=` hook that could refuse it before batching fails on batched events
+(Gradio 6.31). Here each request is checked on its own before it joins a batch, so a bad request
+gets its own message and its neighbours their answers.
 """
 
 from __future__ import annotations
