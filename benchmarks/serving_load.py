@@ -323,7 +323,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 print(f"mlflow models serve: skipped: {skipped}")
             else:
                 command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
-                servers.append(start("mlflow models serve", command, "/ping", mlflow_predict, REPO, env, scratch))
+                # MLflow starts `uvicorn` by name: this interpreter's scripts must be on PATH.
+                scripts = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+                servers.append(start("mlflow models serve", command, "/ping", mlflow_predict, REPO, scripts, scratch))
             answers = {}
             for server in servers:  # a warm-up, and a check that they serve the same model
                 conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT_S)
