@@ -11,10 +11,12 @@ run's tuning session. The page works offline (system fonts, no CDN).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,7 @@ import pandas as pd
 import torch
 
 from demo.experiment import experiment_tab
+from demo.micro_batch import MicroBatcher
 from demo.serving import ModelHolder, holder_for
 from flows.cli import parse_settings
 from tagifai.data import TEXT_COLUMNS, parse_table
@@ -36,6 +39,9 @@ MAX_FIELD_CHARS = 5_000  # far beyond the tokenizer's max_length; keeps huge pas
 MAX_UPLOAD_SIZE = "5mb"
 MAX_CSV_ROWS = 20_000
 SCORING_CHUNK_ROWS = 256  # progress is reported after each chunk
+# Concurrent predictions answered by one forward pass; Gradio runs at most 40 events at once
+# (launch's max_threads), so this leaves some to CSV scoring and the page.
+MAX_BATCH_ROWS = 32
 SANS_FONTS = ["Segoe UI", "Roboto", "Helvetica Neue", "Arial", "DejaVu Sans", "sans-serif"]
 MONO_FONTS = ["SFMono-Regular", "Menlo", "Consolas", "DejaVu Sans Mono", "monospace"]
 
@@ -64,12 +70,24 @@ def clip(text: Optional[str]) -> str:
     return (text or "")[:MAX_FIELD_CHARS].strip()
 
 
-def probabilities_by_tag(predictor: Predictor, title: str, description: str) -> dict[str, float]:
-    """The tag probabilities of one project; gr.Label shows the most likely tag on top."""
+def checked_project(title: Optional[str], description: Optional[str]) -> tuple[str, str]:
+    """The clipped title and description of one request, refused with a message when both are empty."""
     title, description = clip(title), clip(description)
     if not (title or description):
         raise gr.Error("Enter a title or a description (or both) to get a tag.", print_exception=False)
-    return tag_probabilities(predictor.predict_proba([title], [description])[0], predictor.classes)
+    return title, description
+
+
+def batch_predictor(holder: ModelHolder) -> Callable[[list[tuple[str, str]]], list[dict[str, float]]]:
+    """Tag probabilities of several projects in one forward pass, all on the model served when it starts;
+    gr.Label shows each project's most likely tag on top."""
+
+    def probabilities(projects: list[tuple[str, str]]) -> list[dict[str, float]]:
+        predictor = holder.current.predictor  # one model for the whole batch, even if a new champion lands
+        rows = predictor.predict_proba([t for t, _ in projects], [d for _, d in projects])
+        return [tag_probabilities(row, predictor.classes) for row in rows]
+
+    return probabilities
 
 
 def read_upload(path: str) -> pd.DataFrame:
@@ -141,15 +159,22 @@ def launch_options() -> dict:
     return {"theme": offline_theme(), "max_file_size": MAX_UPLOAD_SIZE, "share": False}
 
 
-def build_app(holder: ModelHolder, max_scoring_s: float = DEFAULT_MAX_SCORING_S) -> gr.Blocks:
+def build_app(
+    holder: ModelHolder, max_scoring_s: float = DEFAULT_MAX_SCORING_S, batcher: Optional[MicroBatcher] = None
+) -> gr.Blocks:
     """The page. Named API endpoints: `predict` (title, description -> tag probabilities),
-    `score_csv` (a CSV file -> the scored CSV) and `model_info` (what is served)."""
+    `score_csv` (a CSV file -> the scored CSV) and `model_info` (what is served). Concurrent
+    `predict` requests share forward passes through `batcher` (default: one of MAX_BATCH_ROWS)."""
     output_dir = Path(tempfile.mkdtemp(prefix="tagifai-scored-"))
     speed = {"version": None, "rows_per_s": None}
+    batcher = batcher or MicroBatcher(batch_predictor(holder), MAX_BATCH_ROWS)
 
-    def predict(title: str, description: str) -> dict[str, float]:
+    # Not named `predict`: gr.Examples' run-on-click event takes its fn's name as API name, and would take
+    # `/predict` from the button's event (whose concurrency limit then never applied to API callers).
+    async def predict_tags(title: str, description: str) -> dict[str, float]:
         """Probability of every tag for one project (title and/or description)."""
-        return probabilities_by_tag(holder.current.predictor, title, description)
+        # Awaited on the event loop, not in a worker thread: waiting requests hold no thread.
+        return await asyncio.wrap_future(batcher.submit(checked_project(title, description)))
 
     def score_csv(csv_path: Optional[str], progress=gr.Progress()) -> str:
         """A CSV of projects (title, description) scored: the same rows plus prediction and probabilities."""
@@ -213,7 +238,7 @@ def build_app(holder: ModelHolder, max_scoring_s: float = DEFAULT_MAX_SCORING_S)
                     EXAMPLES,
                     inputs=[title, description],
                     outputs=label,
-                    fn=predict,
+                    fn=predict_tags,
                     run_on_click=True,
                     cache_examples=False,
                 )
@@ -232,8 +257,16 @@ def build_app(holder: ModelHolder, max_scoring_s: float = DEFAULT_MAX_SCORING_S)
             with gr.Tab("Experiment", id="experiment"):
                 experiment_tab(lambda: holder.current.experiment, every=timer)
 
-        predict_button.click(predict, [title, description], label, api_name="predict")
-        title.submit(predict, [title, description], label, api_visibility="private")
+        # Up to MAX_BATCH_ROWS predictions in flight at once (Gradio's default is 1), so that concurrent
+        # requests reach the batcher together; both triggers share the limit.
+        predict_button.click(
+            predict_tags, [title, description], label, api_name="predict",
+            concurrency_limit=MAX_BATCH_ROWS, concurrency_id="predict",
+        )  # fmt: skip
+        title.submit(
+            predict_tags, [title, description], label, api_visibility="private",
+            concurrency_limit=MAX_BATCH_ROWS, concurrency_id="predict",
+        )  # fmt: skip
         score_button.click(score_csv, upload, scored_file, api_name="score_csv")
         gr.api(model_info, api_name="model_info")
     return demo

@@ -273,3 +273,57 @@ def test_a_file_over_the_time_limit_is_refused_up_front(served, tmp_path):
     with launched(build_app(ModelHolder(served), max_scoring_s=0.001)) as url:
         with pytest.raises(AppError, match=r"200 rows, about .* s of scoring here; the limit is 0.001 s"):
             Client(url, verbose=False).predict(handle_file(str(upload)), api_name="/score_csv")
+
+
+def test_concurrent_requests_share_forward_passes_and_get_the_one_at_a_time_answers(served):
+    """24 concurrent API requests (and one empty one among them) against a demo whose first batch is held
+    until all of them are queued: they are answered in batches, each with its one-at-a-time answer."""
+    import threading
+    import time
+
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from conftest import launched
+    from demo.app import MAX_BATCH_ROWS, batch_predictor, build_app
+    from demo.micro_batch import MicroBatcher
+    from demo.serving import ModelHolder
+    from tagifai.data import sample_dataset_path
+
+    holder, open_gate = ModelHolder(served), threading.Event()
+    open_gate.set()
+    predict_batch = batch_predictor(holder)
+
+    def gated(projects):
+        assert open_gate.wait(120), "the test never released the held batch"
+        return predict_batch(projects)
+
+    batcher = MicroBatcher(gated, MAX_BATCH_ROWS)
+    projects = pd.read_csv(sample_dataset_path()).head(8)
+    requests = [(row.title, row.description) for row in projects.itertuples()] * 3
+    with launched(build_app(holder, batcher=batcher)) as url:
+        client = Client(url, verbose=False)
+        alone = {project: client.predict(*project, api_name="/predict") for project in set(requests)}
+        assert set(batcher.batch_sizes) == {1}
+        batches_before = len(batcher.batch_sizes)
+        open_gate.clear()
+        jobs = [client.submit(*project, api_name="/predict") for project in requests]
+        empty = client.submit(" ", "", api_name="/predict")
+        deadline = time.monotonic() + 120
+        while not (len(batcher.batch_sizes) > batches_before and batcher.batch_sizes[-1] + batcher.waiting == 24):
+            assert time.monotonic() < deadline, f"requests never queued: {batcher.waiting} waiting"
+            time.sleep(0.02)
+        open_gate.set()
+        answers = [job.result(timeout=120) for job in jobs]
+        with pytest.raises(AppError, match="Enter a title or a description"):
+            empty.result(timeout=120)
+    sizes = list(batcher.batch_sizes)[batches_before:]
+    assert sum(sizes) == len(requests) and max(sizes) > 1, sizes
+    for project, answer in zip(requests, answers):
+        expected = alone[project]
+        assert answer["label"] == expected["label"]
+        got = {item["label"]: item["confidence"] for item in answer["confidences"]}
+        want = {item["label"]: item["confidence"] for item in expected["confidences"]}
+        assert got.keys() == want.keys() == set(served.predictor.classes)
+        for tag in want:
+            assert got[tag] == pytest.approx(want[tag], abs=1e-5)
