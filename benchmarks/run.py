@@ -200,6 +200,11 @@ def print_tuning(name: str, tune: dict, width: int) -> None:
         [
             ("wall s (process start to exit)", tune.get("wall_s"), "{:.1f}"),
             (
+                "fixed cost s (wall - study) / import floor s",
+                (tune.get("fixed_cost_s"), tune.get("import_baseline_s")),
+                "{:.1f} / {:.1f}",
+            ),
+            (
                 "trial compute s (core-s, 1 CPU per trial)",
                 (tune.get("trial_compute_s"), tune.get("trial_compute_core_s")),
                 "{:.1f} ({:.1f})",

@@ -4,10 +4,12 @@ defaults for runs started from a terminal, and user errors shown as one line wit
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Any, Optional, TypeVar
 
@@ -98,6 +100,44 @@ class _HideUserErrorTracebacks(logging.Filter):
         return True
 
 
+_early_ray_head = None  # the RayHead started by start_ray_head_early, until stop_ray_head
+
+
+def _exit_on_terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def start_ray_head_early(argv: list[str]) -> None:
+    """For a command that will run a Ray study: start a local Ray head now, as a child process
+    (tagifai/tuning/head.py), so that it comes up during the command's imports and Prefect's start;
+    the study joins it. Nothing when $RAY_ADDRESS names a cluster or the command only shows help.
+    SIGTERM then ends the command as an exit would, so the head and Prefect's temporary server are
+    stopped either way."""
+    global _early_ray_head
+    if _early_ray_head or os.environ.get("RAY_ADDRESS") or {"-h", "--help"} & set(argv):
+        return
+    from tagifai.tuning.head import HEAD_ADDRESS_ENV, RayHead
+    from tagifai.tuning.ray_output import QUIET_WORKER_ENV
+
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
+    _early_ray_head = RayHead(None if "--verbose" in argv else QUIET_WORKER_ENV)
+    os.environ[HEAD_ADDRESS_ENV] = _early_ray_head.address
+    atexit.register(stop_ray_head)  # an exit before command_line_run (a bad option) stops it too
+
+
+def stop_ray_head() -> None:
+    """Stop the head of start_ray_head_early, if any; say why if it had died on its own."""
+    global _early_ray_head
+    if _early_ray_head is None:
+        return
+    from tagifai.tuning.head import HEAD_ADDRESS_ENV
+
+    os.environ.pop(HEAD_ADDRESS_ENV, None)
+    problem, _early_ray_head = _early_ray_head.stop(), None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def command_line_run(verbose: bool = False):
     """Prefect defaults for a run started from a terminal, a quiet console (unless `verbose`), and a
@@ -122,6 +162,7 @@ def command_line_run(verbose: bool = False):
                     handler.addFilter(QUIET_ENGINE)
             yield
     finally:
+        stop_ray_head()  # the flow has let go of it; Prefect's server stops at the interpreter's exit
         for run_logger in run_loggers:
             run_logger.removeFilter(no_tracebacks)
 

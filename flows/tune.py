@@ -15,6 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # the command line: Ray's head comes up beside the imports below
+    from flows.cli import start_ray_head_early
+
+    start_ray_head_early(sys.argv[1:])
+
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
