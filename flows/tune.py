@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
 from flows import report
-from flows.cli import command_line_run, parse_settings
+from flows.cli import command_line_run, exit_after_results, parse_settings
 from tagifai.behavioural import load_checks
 from tagifai.lifecycle import registry, tracking
 from tagifai.lifecycle.database import redact
@@ -201,3 +201,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_after_results()
