@@ -14,6 +14,12 @@ bookkeeping. Afterwards the run is reconstructed from what the flow records anyw
 - the flow's phases: flow and task run start/end times in Prefect's database ($PREFECT_HOME);
 - the process: started and reaped here.
 
+`fixed_cost_s` = wall from process start to exit minus the study's wall (first epoch's start to
+last epoch's end): what a run costs beyond its trials (issue 23: <= 10 s for the defaults). It is
+set against `import_baseline_s`, the wall of a bare `python -c "import torch, transformers, ray,
+prefect, mlflow"` (median of three, in the same environment, just before the CLI): the floor any
+Python tool on this stack pays.
+
 `cli_core_utilisation` = trial compute core-seconds / (usable cores x wall from process start to
 exit). The idle core-seconds (the rest) are split, exactly, into: before the first epoch (Python
 imports, Prefect's temporary server and flow run, data preparation, Ray start, Tune set-up and
@@ -324,6 +330,19 @@ def warm_stores(workdir: Path, env: dict, experiment_name: str, backbone: str) -
     return time.perf_counter() - started
 
 
+IMPORT_BASELINE = "import torch, transformers, ray, prefect, mlflow"
+
+
+def import_baseline_s(env: dict, cwd: Path, runs: int = 3) -> tuple[float, list[float]]:
+    """Median wall of a bare Python process importing the stack (and every run's)."""
+    walls = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", IMPORT_BASELINE], cwd=cwd, env=env, check=True)
+        walls.append(time.perf_counter() - started)
+    return float(np.median(walls)), walls
+
+
 def tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
 
@@ -355,6 +374,7 @@ def run_cli(
     if model:
         command += ["--model", model]
     command += list(extra_args)
+    baseline, baseline_runs = import_baseline_s(env, workdir)
     log_path = workdir / "cli.log"
     with open(log_path, "w") as log:
         started = time.time()
@@ -373,7 +393,13 @@ def run_cli(
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     result = utilisation(started, exited, trials, cores, cpus_per_trial, phases)
     records = record_epoch_times(workdir / "ray_results")
+    if "study_s" in result:
+        result["fixed_cost_s"] = result["wall_s"] - result["study_s"]
+        result["fixed_cost_over_import_baseline"] = result["fixed_cost_s"] / baseline
     result.update(
+        import_baseline_s=baseline,
+        import_baseline_runs_s=baseline_runs,
+        import_baseline_command=f'python -c "{IMPORT_BASELINE}"',
         command=" ".join(command[1:]),
         trials_requested=num_runs,
         epochs_requested=num_epochs,

@@ -4,12 +4,15 @@ defaults for runs started from a terminal, and user errors shown as one line wit
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from typing import Any, Optional, TypeVar
+import threading
+from typing import Any, NoReturn, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -98,14 +101,87 @@ class _HideUserErrorTracebacks(logging.Filter):
         return True
 
 
+_early_ray_head = None  # the RayHead started by start_ray_head_early, until stop_ray_head
+_early_prefect_server: Optional[threading.Thread] = None  # starting Prefect's temporary server
+
+
+def _exit_on_terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def start_ray_head_early(argv: list[str]) -> None:
+    """For a command that will run a Ray study, before its imports: start a local Ray head as a child
+    process (tagifai/tuning/head.py), which the study joins, and Prefect's temporary server from a
+    thread (command_line_run waits for it), so that both come up while the command imports torch,
+    transformers and MLflow. Nothing when $RAY_ADDRESS names a cluster or the command only shows
+    help. SIGTERM then ends the command as an exit would, so both are stopped either way."""
+    global _early_ray_head, _early_prefect_server
+    if _early_ray_head or os.environ.get("RAY_ADDRESS") or {"-h", "--help"} & set(argv):
+        return
+    from tagifai.tuning.head import HEAD_ADDRESS_ENV, RayHead
+    from tagifai.tuning.ray_output import QUIET_WORKER_ENV
+
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
+    _early_ray_head = RayHead(None if "--verbose" in argv else QUIET_WORKER_ENV)
+    os.environ[HEAD_ADDRESS_ENV] = _early_ray_head.address
+    atexit.register(stop_ray_head)  # an exit before command_line_run (a bad option) stops it too
+    _early_prefect_server = threading.Thread(
+        target=_start_temporary_prefect_server, args=("--verbose" in argv,), daemon=True
+    )
+    _early_prefect_server.start()
+
+
+def _start_temporary_prefect_server(verbose: bool) -> None:
+    """What Prefect does at a flow's first API call without a server (and only then); a failure here
+    is left for that call to meet and report."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    with temporary_settings(set_defaults=CLI_PREFECT_DEFAULTS):
+        if not verbose:
+            quiet_console()
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            return
+        from prefect.server.api.server import SubprocessASGIServer
+
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()  # Prefect's own, stopped by Prefect at exit
+
+
+def stop_ray_head() -> None:
+    """Stop the head of start_ray_head_early, if any; say why if it had died on its own."""
+    global _early_ray_head
+    if _early_ray_head is None:
+        return
+    from tagifai.tuning.head import HEAD_ADDRESS_ENV
+
+    os.environ.pop(HEAD_ADDRESS_ENV, None)
+    problem, _early_ray_head = _early_ray_head.stop(), None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+
+
+def quiet_console() -> None:
+    """Prefect's and MLflow's chatter off the console (QUIET_ENGINE); left on: Prefect says goodbye
+    as the process exits."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()  # Prefect's console handler exists from here on
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    consoles += [h for name in ("mlflow", "prefect") for h in logging.getLogger(name).handlers]
+    for handler in consoles:
+        handler.addFilter(QUIET_ENGINE)
+
+
 @contextlib.contextmanager
 def command_line_run(verbose: bool = False):
     """Prefect defaults for a run started from a terminal, a quiet console (unless `verbose`), and a
     user error ending the command with its message."""
-    from prefect.logging.handlers import PrefectConsoleHandler
     from prefect.settings import temporary_settings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if _early_prefect_server is not None:
+        _early_prefect_server.join()
     no_tracebacks = _HideUserErrorTracebacks()
     run_loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
     for run_logger in run_loggers:
@@ -113,17 +189,26 @@ def command_line_run(verbose: bool = False):
     try:
         with temporary_settings(set_defaults=CLI_PREFECT_DEFAULTS), exit_on_user_error():
             if not verbose:
-                from prefect.logging.configuration import ensure_logging_setup
-
-                ensure_logging_setup()  # Prefect's console handler exists from here on
-                consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
-                consoles += [h for name in ("mlflow", "prefect") for h in logging.getLogger(name).handlers]
-                for handler in consoles:  # left on: Prefect says goodbye as the process exits
-                    handler.addFilter(QUIET_ENGINE)
+                quiet_console()
             yield
     finally:
+        stop_ray_head()  # the flow has let go of it; Prefect's server stops at the interpreter's exit
         for run_logger in run_loggers:
             run_logger.removeFilter(no_tracebacks)
+
+
+def exit_after_results(code: int = 0) -> NoReturn:
+    """End a command whose results are written: what the interpreter's exit does for us (join the
+    threads, run the exit handlers: Prefect's log and event workers drain, its temporary server and
+    the Ray head stop), then leave without tearing down every module one by one (seconds with torch,
+    transformers, Ray and MLflow loaded, measured in benchmarks/cli_run.py; nothing is left to save)."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager

@@ -17,11 +17,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
+if __name__ == "__main__":  # the command line: Ray's head comes up beside the imports below
+    from flows.cli import start_ray_head_early
+
+    start_ray_head_early(sys.argv[1:])
+
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
 from flows import report
-from flows.cli import command_line_run, parse_settings
+from flows.cli import command_line_run, exit_after_results, parse_settings
 from tagifai.behavioural import load_checks
 from tagifai.lifecycle import registry, tracking
 from tagifai.lifecycle.promotion import GateRules
@@ -173,3 +178,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_after_results()

@@ -96,3 +96,21 @@ def free_port() -> int:
 def tail(path: Path, lines: int = 60) -> str:
     text = path.read_text(errors="replace") if path.exists() else "(no log)"
     return f"--- last lines of {path} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def descendants(root: int, known: set[tuple[int, str]]) -> set[tuple[int, str]]:
+    """`root`, its session and descendants, and the live ones of `known`: as (pid, start time)."""
+    return _family(root, known)
+
+
+def still_alive(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
+    """Those of `processes` (pid, start time) still running (a zombie is not)."""
+    table = _process_table()
+    return {(pid, start) for pid, start in processes if table.get(pid, (0, 0, None))[2] == start}
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

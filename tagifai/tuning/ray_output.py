@@ -18,6 +18,15 @@ from pathlib import Path
 
 RAY_LOGGERS = ("ray", "ray.data")  # the ones Ray gives console handlers of their own
 WORKER_STREAM_HANDLER = "ray_print_logs"  # how Ray names its printer of worker output (Ray 2.x)
+# The trials inherit the environment (of the driver, or of the head the driver joins): no progress
+# bars from transformers or the hub there. Tune's newer console output prints its experiment banner
+# even when silent; the classic one does not. MLflow prints a "View run ... at: <url>" line per
+# finished trial run on a tracking server.
+QUIET_WORKER_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "1",
+}
 
 
 @contextlib.contextmanager
@@ -26,14 +35,7 @@ def ray_logs_to(log_path: Path, verbose: bool) -> Iterator[None]:
     if verbose:
         yield
         return
-    # The trials inherit the environment: no progress bars from transformers or the hub there. Tune's
-    # newer console output prints its experiment banner even when silent; the classic one does not.
-    # MLflow prints a "View run ... at: <url>" line per finished trial run on a tracking server.
-    quiet_env = {
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "RAY_AIR_NEW_OUTPUT": "0",
-        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "1",
-    }
+    quiet_env = QUIET_WORKER_ENV
     saved_env = {name: os.environ.get(name) for name in quiet_env}
     os.environ.update(quiet_env)
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from tagifai.settings import TuneSettings, user_cache_dir
 from tagifai.tuning import display as progress_display
 from tagifai.tuning import storage as storage_lib
 from tagifai.tuning.claim import COMPLETE_MARKER, Claim, claim_experiment_dir
+from tagifai.tuning.head import HEAD_ADDRESS_ENV, OBJECT_STORE_BYTES
 from tagifai.tuning.progress import StudyProgress
 from tagifai.tuning.ray_output import ray_logs_to, worker_output_to
 from tagifai.tuning.trial import run_trial
@@ -123,16 +124,21 @@ class TrialTracker(tune.Callback):
 
 
 def connect_ray() -> bool:
-    """Join $RAY_ADDRESS's cluster if set, else start a local one; True if we started it."""
+    """Join $RAY_ADDRESS's cluster if set; else the head this command started early (see
+    tagifai/tuning/head.py), else start a local Ray. True if this driver should let go of Ray when
+    the study ends (a local Ray we started, or the command's own head, which stops at its exit)."""
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
         logger.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return False
+    if os.environ.get(HEAD_ADDRESS_ENV):  # ray.init waits while the head is still coming up
+        ray.init(address=os.environ[HEAD_ADDRESS_ENV], log_to_driver=True)
+        return True
     # A small object store is plenty: the shared data is a few MB of token ids. address="local":
     # without it, ray.init() joins a cluster that `ray start` left on this machine, and fails there.
-    ray.init(address="local", include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=True)
+    ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True)
     return True
 
 
