@@ -130,7 +130,7 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
     evaluation = evaluate_challenger(best["checkpoint_dir"], splits.test, settings.behavioural_checks)
     test_metrics = evaluation["test"]
     version = register_best(
-        tracking_uri, settings.registered_model_name, best["run_id"], test_metrics, data_key,
+        tracking_uri, settings.registered_model_name, best["run_id"], best["checkpoint_dir"], test_metrics, data_key,
         training_fingerprint(settings),
     )  # fmt: skip
     rules = GateRules(settings.min_improvement, settings.max_class_drop, settings.force_promote)
