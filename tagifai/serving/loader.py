@@ -107,6 +107,15 @@ def resolve(client, uri: str) -> tuple[str, Optional[str], Optional[str]]:
     return version.run_id, str(version.version), source
 
 
+def download_model(client, source: str, folder: str) -> str:
+    """The logged MLflow Model `models:/<model id>` as a local folder. Through its artifact location
+    and this client's store: MLflow itself would look the id up in its global store."""
+    import mlflow
+
+    location = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    return mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=client.tracking_uri)
+
+
 def load_model(tracking_uri: str, uri: str) -> LoadedModel:
     """The model behind `uri` (see `resolve`), in memory."""
     import mlflow
@@ -125,8 +134,7 @@ def load_model(tracking_uri: str, uri: str) -> LoadedModel:
             predictor = Predictor(tracking.download_checkpoint(client, run_id, Path(folder)))
             return LoadedModel(predictor, uri, run_id, version, predictor.args)
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=folder, tracking_uri=tracking_uri)
-            model = mlflow.pyfunc.load_model(local)
+            model = mlflow.pyfunc.load_model(download_model(client, source, folder))
         except (MlflowException, OSError) as error:
             raise TrackingError(f"cannot load the MLflow Model of {uri} ({source}): {error}") from None
     args = (model.metadata.metadata or {}).get(packaging.METADATA_KEY, {})
