@@ -39,15 +39,23 @@ def champion(tuned_store):
 
 
 @pytest.fixture(scope="module")
-def expected(champion):
-    """flows.predict's probabilities for ROWS, row by row: what every other path must reproduce."""
+def expected(champion, tmp_path_factory):
+    """flows.predict's probabilities for ROWS, row by row: what every other path must reproduce.
+    flows.predict loads the MLflow Model too, so they are first checked against the training
+    checkpoint scored by the project's own Predictor."""
     from flows import predict
+    from tagifai.lifecycle.tracking import download_checkpoint
+    from tagifai.serving.predictor import Predictor
 
-    settings = champion["settings"]
-    base = ["--tracking-uri", settings.tracking_uri, "--run-id", champion["version"].run_id, "--json"]
+    settings, run_id = champion["settings"], champion["version"].run_id
+    base = ["--tracking-uri", settings.tracking_uri, "--run-id", run_id, "--json"]
     results = [predict.main(["--title", t, "--description", d, *base]) for t, d in zip(ROWS.title, ROWS.description)]
     classes = sorted(results[0]["probabilities"])
-    return classes, np.array([[r["probabilities"][tag] for tag in classes] for r in results])
+    probabilities = np.array([[r["probabilities"][tag] for tag in classes] for r in results])
+    checkpoint = Predictor(download_checkpoint(champion["client"], run_id, tmp_path_factory.mktemp("checkpoint")))
+    assert checkpoint.classes == classes
+    assert np.abs(checkpoint.predict_proba(ROWS.title, ROWS.description) - probabilities).max() < 1e-5
+    return classes, probabilities
 
 
 def test_the_champion_is_an_mlflow_model_with_signature_example_and_few_requirements(champion, tmp_path):
