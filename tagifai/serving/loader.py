@@ -34,7 +34,7 @@ class PyfuncScorer:
         self.model = model
         columns = model.metadata.get_output_schema().input_names()
         self.classes = [c.removeprefix(PROBABILITY_PREFIX) for c in columns if c.startswith(PROBABILITY_PREFIX)]
-        self.max_rows = int(model.model_config["max_rows"])  # logged by packaging.log_model
+        self.max_rows = model.unwrap_python_model().max_rows
 
     def predict_proba(self, titles: Sequence[str], descriptions: Sequence[str]) -> np.ndarray:
         frame = pd.DataFrame({"title": list(titles), "description": list(descriptions)})

@@ -21,7 +21,8 @@ MODEL_NAME = "model"  # the logged model's name in its run
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 CODE_PATHS = (Path(text_cleaning.__file__), text_cleaning.STOP_WORDS_FILE)
 # Rows per request: a bound on one request's latency and memory (1,000 rows take ~1.6 s with MiniLM
-# on 2 cores); larger inputs are split by the caller. Changeable at load (model_config["max_rows"]).
+# on 2 cores); larger inputs are split by the caller. Changeable at load (model_config={"max_rows": N}).
+# Stored in classes.json, not as MLflow's model_config, which MLflow would also log as run params.
 MAX_ROWS = 1_000
 # What loading needs, pinned to the versions it was logged and tested with.
 REQUIREMENTS = ("mlflow", "onnxruntime", "tokenizers", "numpy", "pandas")
@@ -61,7 +62,12 @@ def write_artifacts(checkpoint_dir: Path, folder: Path) -> tuple[dict[str, str],
     pad_token_id = int(tokenizer.pad_token_id or 0)
     export_inference_graph(model, pad_token_id, folder / "model.onnx")
     tokenizer.save_pretrained(folder / "tokenizer")
-    config = {"classes": classes, "max_length": int(args.get("max_length", 128)), "pad_token_id": pad_token_id}
+    config = {
+        "classes": classes,
+        "max_length": int(args.get("max_length", 128)),
+        "pad_token_id": pad_token_id,
+        "max_rows": MAX_ROWS,
+    }
     (folder / "classes.json").write_text(json.dumps(config, indent=2))
     artifacts = {
         "onnx_model": folder / "model.onnx",
@@ -97,5 +103,4 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: Path):
                 input_example=input_example(),
                 pip_requirements=pip_requirements(),
                 metadata={METADATA_KEY: provenance},
-                model_config={"max_rows": MAX_ROWS},
             )

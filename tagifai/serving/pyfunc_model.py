@@ -6,15 +6,16 @@ This project never imports this file; tagifai/serving/packaging.py logs it.
 
 The contract (README, "The registered MLflow Model"):
 - input: a pandas DataFrame with string columns `title` and `description` (description may be
-  empty); a missing column is an error that names it; at most `max_rows` rows per call
-  (model_config, set at logging, can be changed at load: `load_model(uri, model_config=...)`);
+  empty); a missing column is an error that names it; at most `max_rows` rows per call (set at
+  logging in classes.json; a load can change it: `load_model(uri, model_config={"max_rows": N})`);
 - output: a DataFrame, one row per input row in input order: `prediction` (the tag), then
   `probability_<tag>` (float) for every tag, in the model's class order.
 Bad input raises MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers
 with HTTP 400 and the message.
 
 Artifacts: `onnx_model` (the fp32 graph with its weights), `tokenizer` (the tokenizer files;
-tokenizer.json is what runs), `classes` (JSON: the tags in class order, max_length, pad token id).
+tokenizer.json is what runs), `classes` (JSON: the tags in class order, max_length, pad token id,
+max_rows).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class TagClassifier(PythonModel):
         config = json.loads(Path(context.artifacts["classes"]).read_text())
         self.classes = list(config["classes"])
         self.pad_token_id = int(config["pad_token_id"])
-        self.max_rows = int(context.model_config["max_rows"])
+        self.max_rows = int((context.model_config or {}).get("max_rows", config["max_rows"]))
         self.project_texts = project_texts
         # The same tokenization as transformers' fast tokenizer with truncation=True,
         # max_length=max_length (tests/test_mlflow_model.py compares the ids).
@@ -56,7 +57,7 @@ class TagClassifier(PythonModel):
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(int(config["max_length"]))
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = int(context.model_config.get("threads", 0))  # 0: ONNX Runtime's choice
+        options.intra_op_num_threads = int((context.model_config or {}).get("threads", 0))  # 0: ONNX Runtime's choice
         options.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(
             context.artifacts["onnx_model"], options, providers=["CPUExecutionProvider"]
