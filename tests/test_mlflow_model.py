@@ -120,6 +120,25 @@ def test_the_loader_serves_the_mlflow_model_and_the_gate_flows_agree(champion, e
     assert model.predict_proba(many.title, many.description).shape == (1200, len(classes))
 
 
+def test_a_version_registered_before_mlflow_models_loads_from_its_checkpoint(champion, expected, caplog):
+    """A version registered the old way (its source the run's checkpoint folder, no MLmodel)."""
+    from tagifai.lifecycle.tracking import CHECKPOINT_ARTIFACT
+    from tagifai.serving.loader import load_model
+
+    client, run_id = champion["client"], champion["version"].run_id
+    name = champion["settings"].registered_model_name
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + CHECKPOINT_ARTIFACT
+    old = client.create_model_version(name, source=source, run_id=run_id)
+    with caplog.at_level("WARNING", logger="tagifai.serving.loader"):
+        model = load_model(champion["settings"].tracking_uri, f"models:/{name}/{old.version}")
+    notices = [r.getMessage() for r in caplog.records if r.name == "tagifai.serving.loader"]
+    assert len(notices) == 1 and "no MLflow Model" in notices[0] and "\n" not in notices[0]
+    assert not model.is_mlflow_model and model.version == str(old.version) and model.args["hyperparameters"]
+    classes, probabilities = expected
+    assert model.classes == classes
+    assert np.abs(model.predict_proba(ROWS.title, ROWS.description) - probabilities).max() < 1e-5
+
+
 GUARD = """
 import importlib.abc, json, sys
 BLOCKED = {"tagifai", "flows", "tasks", "demo"}
