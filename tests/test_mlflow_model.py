@@ -77,6 +77,12 @@ def test_the_champion_is_an_mlflow_model_with_signature_example_and_few_requirem
     assert sorted(r.split("==")[0] for r in requirements) == ["mlflow", "numpy", "onnxruntime", "pandas", "tokenizers"]
     assert {p.name for p in (local / "code").iterdir()} >= {"text_cleaning.py", "stop_words.txt"}
     assert (local / "artifacts" / "model.onnx").stat().st_size > 1_000_000  # the weights are inside
+    # In the run's experiment, under its artifact location (not ./mlruns of the current directory).
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    run = client.get_run(version.run_id)
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run.info.run_id
+    experiment_root = client.get_experiment(run.info.experiment_id).artifact_location
+    assert logged.artifact_location.startswith(experiment_root), (logged.artifact_location, experiment_root)
     # The safetensors checkpoint stays in the run: the training artifact, for resume and warm start.
     assert client.list_artifacts(version.run_id, "checkpoint")
 

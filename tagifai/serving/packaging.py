@@ -82,8 +82,15 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: Path):
     model_id)."""
     import mlflow
     from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    # Created here, in the run's experiment: left to Model.log, MLflow 3.17 files the model under
+    # the active (else the Default) experiment, whose artifact root may be ./mlruns of whichever
+    # directory logs, not the experiment's --artifact-location.
+    logged = client.create_logged_model(run.info.experiment_id, MODEL_NAME, run_id, params=run.data.params)
     with tempfile.TemporaryDirectory(prefix="tagifai-mlflow-model-") as folder:
         artifacts, args = write_artifacts(Path(checkpoint_dir), Path(folder))
         classes = json.loads(Path(artifacts["classes"]).read_text())["classes"]
@@ -96,6 +103,7 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: Path):
                 name=MODEL_NAME,
                 flavor=mlflow.pyfunc,
                 run_id=run_id,
+                model_id=logged.model_id,
                 python_model=str(MODEL_CODE),
                 artifacts=artifacts,
                 code_paths=[str(path) for path in CODE_PATHS],
