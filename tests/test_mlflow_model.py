@@ -122,8 +122,9 @@ def test_the_loader_serves_the_mlflow_model_and_the_gate_flows_agree(champion, e
     assert model.classes == classes and model.args["backbone"] and model.args["hyperparameters"]
     assert np.abs(model.predict_proba(ROWS.title, ROWS.description) - probabilities).max() < 1e-5
     # Over the row limit, the loader splits the input; the model itself refuses it.
-    many = pd.concat([ROWS] * 400, ignore_index=True)
-    assert model.predict_proba(many.title, many.description).shape == (1200, len(classes))
+    many = pd.concat([ROWS] * 1700, ignore_index=True)
+    assert len(many) > model.scorer.max_rows
+    assert model.predict_proba(many.title, many.description).shape == (len(many), len(classes))
 
 
 def test_a_version_registered_before_mlflow_models_loads_from_its_checkpoint(champion, expected, caplog):
