@@ -32,7 +32,8 @@ from flows.cli import parse_settings
 from tagifai.data import TEXT_COLUMNS, parse_table
 from tagifai.errors import DataError, UserError
 from tagifai.lifecycle.database import redact
-from tagifai.serving.predictor import Predictor, tag_probabilities, top_tags
+from tagifai.serving.loader import LoadedModel
+from tagifai.serving.predictor import tag_probabilities, top_tags
 from tagifai.settings import DEFAULT_MAX_SCORING_S, DemoSettings
 
 MAX_FIELD_CHARS = 5_000  # far beyond the tokenizer's max_length; keeps huge pastes cheap
@@ -114,7 +115,7 @@ def read_upload(path: str) -> pd.DataFrame:
     return frame
 
 
-def rows_per_second(predictor: Predictor) -> float:
+def rows_per_second(predictor: LoadedModel) -> float:
     """Scoring speed measured on the examples (a warm-up, then a timed batch of 64 rows)."""
     titles, descriptions = [t for t, _ in EXAMPLES] * 16, [d for _, d in EXAMPLES] * 16
     predictor.predict_proba(titles[:8], descriptions[:8])
@@ -123,7 +124,7 @@ def rows_per_second(predictor: Predictor) -> float:
     return len(titles) / max(time.perf_counter() - started, 1e-6)
 
 
-def score_frame(predictor: Predictor, frame: pd.DataFrame, on_progress=None) -> tuple[pd.DataFrame, int]:
+def score_frame(predictor: LoadedModel, frame: pd.DataFrame, on_progress=None) -> tuple[pd.DataFrame, int]:
     """The rows with `prediction` and one probability column per tag; rows without text stay blank.
     Scored in chunks; `on_progress(done, total)` after each."""
     frame = frame.reset_index(drop=True)

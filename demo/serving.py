@@ -8,7 +8,6 @@ old model finishes on it, the next one gets the new model, and none waits for th
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from demo.experiment import Experiment, load_experiment
 from tagifai.errors import TrackingError
 from tagifai.lifecycle import registry, tracking
 from tagifai.lifecycle.database import redact
-from tagifai.serving.predictor import Predictor
+from tagifai.serving.loader import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
 TRAIN_COMMAND = "python -m flows.tune"
@@ -70,7 +69,7 @@ class Provenance:
 
 @dataclass
 class Served:
-    predictor: Predictor
+    predictor: LoadedModel
     provenance: Provenance
     experiment: Optional[Experiment]
     loaded_at: str
@@ -145,8 +144,10 @@ def load_served(
             f"MLflow run {run_id!r} does not exist in {redact(tracking_uri)}; check the id "
             "(mlflow ui lists the runs) or leave out --run-id to serve the best run"
         ) from None
-    with tempfile.TemporaryDirectory(prefix="tagifai-demo-") as folder:
-        predictor = Predictor(tracking.download_checkpoint(client, run_id, Path(folder)))
+    # The version itself rather than the alias: the alias may move while this loads, and the page
+    # must describe what it serves.
+    uri = f"models:/{model_name}/{version.version}" if version is not None else f"runs:/{run_id}"
+    predictor = load_model(tracking_uri, uri)
     provenance = describe_run(client, run, predictor.args, chosen_by, version, model_name)
     experiment = load_experiment(tracking_uri, run_id) if with_experiment else None
     loaded_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -16,7 +16,7 @@ from flows.cli import command_line_run, parse_settings
 from tagifai.behavioural import load_checks, run_checks, summary_line
 from tagifai.evaluate import evaluate_frame
 from tagifai.lifecycle import tracking
-from tagifai.serving.predictor import load_run_predictor
+from tagifai.serving.loader import load_model
 from tagifai.settings import EvaluateSettings
 from tasks.load import load_data
 
@@ -30,9 +30,10 @@ def evaluate_classifier(settings: EvaluateSettings) -> dict:
     tracking.check_reachable(tracking_uri)
     checks = load_checks(settings.behavioural_checks)
     data = load_data(settings.dataset_loc)
-    predictor, run_id = load_run_predictor(tracking_uri, settings.run_id)
-    metrics = evaluate_frame(predictor, data.frame)
-    behavioural = run_checks(predictor, checks)
+    run_id = settings.run_id
+    model = load_model(tracking_uri, f"runs:/{run_id}")
+    metrics = evaluate_frame(model, data.frame)
+    behavioural = run_checks(model, checks)
     result = {"run_id": run_id, "dataset_loc": data.source, "test": metrics, "behavioural": behavioural}
     if settings.results_fp:
         Path(settings.results_fp).parent.mkdir(parents=True, exist_ok=True)

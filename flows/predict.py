@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import sys
 
+from mlflow.tracking import MlflowClient
+
 from flows import report
 from flows.cli import exit_on_user_error, parse_settings
 from tagifai.lifecycle import tracking
-from tagifai.serving.predictor import load_run_predictor
+from tagifai.serving.loader import load_model
 from tagifai.settings import PredictSettings
 
 
@@ -26,8 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     with exit_on_user_error():
         tracking_uri = tracking.resolve_tracking_uri(settings.tracking_uri)
         tracking.check_reachable(tracking_uri)
-        predictor, run_id = load_run_predictor(tracking_uri, settings.run_id, settings.experiment_name)
-    result = {"run_id": run_id, **predictor.predict([settings.title], [settings.description])[0]}
+        run_id = settings.run_id or tracking.best_run_id(MlflowClient(tracking_uri), settings.experiment_name)
+        model = load_model(tracking_uri, f"runs:/{run_id}")
+    result = {"run_id": run_id, **model.predict([settings.title], [settings.description])[0]}
     print(json.dumps(result, indent=2) if settings.json_output else report.predict_summary(result))
     return result
 

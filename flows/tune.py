@@ -143,8 +143,8 @@ def tune_classifier(settings: TuneSettings = TuneSettings()) -> dict:
 
     logger.info("evaluating the best trial %s on %d test rows", best["trial_id"], len(splits.test))
     evaluation = evaluate_challenger(best["checkpoint_dir"], splits.test, settings.behavioural_checks)
-    version = register_best(tracking_uri, settings.registered_model_name, best["run_id"], evaluation["test"], data_key,
-                            training_fingerprint(settings))  # fmt: skip
+    version = register_best(tracking_uri, settings.registered_model_name, best["run_id"], best["checkpoint_dir"],
+                            evaluation["test"], data_key, training_fingerprint(settings))  # fmt: skip
     rules = GateRules(settings.min_improvement, settings.max_class_drop, settings.force_promote)
     decision = promote_if_better(tracking_uri, settings.registered_model_name, version, evaluation, splits.test, rules,
                                  settings.seed)  # fmt: skip

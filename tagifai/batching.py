@@ -57,9 +57,9 @@ def tokenize_texts(texts: list[str], labels: list[int], tokenizer, max_length: i
 def tokenize_splits(splits: Splits, backbone: str, max_length: int) -> TokenizedData:
     """Clean and tokenize train and validation once, for every trial to share."""
     # Imported here, on the driver: trial workers import this module and need neither the text
-    # cleaning nor scikit-learn, which tagifai.data pulls in (seconds of start-up per worker).
-    from tagifai.data import project_texts
+    # cleaning nor the tokenizer loading.
     from tagifai.model import load_tokenizer
+    from tagifai.text_cleaning import project_texts
 
     tokenizer = load_tokenizer(backbone)
 

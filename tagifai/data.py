@@ -14,22 +14,20 @@ import io
 import json
 import logging
 import os
-import re
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 from sklearn.model_selection import train_test_split
 
 from tagifai.errors import DataError, SourceUnavailableError
 from tagifai.settings import DEFAULT_SEED, user_cache_dir
+from tagifai.text_cleaning import MAX_TEXT_CHARS, clean_text, project_texts  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +35,6 @@ REQUIRED_COLUMNS = ("id", "created_on", "title", "description", "tag")
 TEXT_COLUMNS = ("title", "description")
 MIN_ROWS_PER_TAG = 5  # below this a tag cannot land in train, validation and test alike
 URL_TIMEOUT_S = 30
-MAX_TEXT_CHARS = 10_000  # longer texts are cut before cleaning; the tokenizer truncates anyway
 
 
 @dataclass(frozen=True)
@@ -226,25 +223,6 @@ def load_dataset(loc: str | None, labelled: bool = True) -> LoadedData:
     raw = read_source_bytes(loc)
     frame = validate_dataset(parse_table(raw, loc), loc, labelled=labelled)
     return LoadedData(frame=frame, fingerprint=hashlib.sha256(raw).hexdigest(), source=loc)
-
-
-_LINK = re.compile(r"https?://\S+|www\.\S+")
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
-_STOPWORDS = frozenset(ENGLISH_STOP_WORDS)
-
-
-def clean_text(text: str) -> str:
-    """Lower-case, drop links, punctuation, stop words and extra spaces."""
-    text = text[:MAX_TEXT_CHARS].lower()
-    text = _LINK.sub(" ", text)
-    text = _NON_ALNUM.sub(" ", text)
-    return " ".join(word for word in text.split() if word not in _STOPWORDS)
-
-
-def project_texts(titles: Iterable[str], descriptions: Iterable[str]) -> list[str]:
-    """The model's input, for training, evaluation and prediction alike: title and description
-    joined, then cleaned."""
-    return [clean_text(f"{title} {description}") for title, description in zip(titles, descriptions)]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,9 @@ from tagifai.serving.predictor import Predictor, top_tags
 def evaluate_challenger(checkpoint_dir: str, test: pd.DataFrame, checks_path: Optional[str]) -> dict:
     """The best checkpoint on the test rows (the full report, and the predicted tag of each row for
     the gate's paired comparison) and on the behavioural checks."""
+    # The local checkpoint, not tagifai/serving/loader.py: this model is not registered yet (its
+    # MLflow Model is logged at registration, after this), and the MLflow Model's ONNX graph is
+    # exported from this very checkpoint and checked against it, so both score alike (to ~1e-6).
     predictor = Predictor(Path(checkpoint_dir))
     probabilities = predictor.predict_proba(list(test["title"]), list(test["description"]))
     report = evaluation_report(test, probabilities, predictor.classes)

@@ -3,12 +3,16 @@ it becomes the champion), and publish the `best-run` report."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from mlflow.tracking import MlflowClient
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tagifai.lifecycle import registry, tracking
+from tagifai.serving import packaging
 
 
 @task(name="register-best", cache_policy=NO_CACHE)
@@ -16,16 +20,25 @@ def register_best(
     tracking_uri: str,
     model_name: str,
     run_id: str,
+    checkpoint_dir: str,
     test_metrics: dict,
     data_key: str,
     settings_fingerprint: str,
 ) -> str:
-    """Every challenger becomes a version (so it can be promoted later), tagged with what it was
-    trained on, which is what --skip-if-unchanged compares."""
+    """Every challenger becomes a version (so it can be promoted later): its checkpoint logged as an
+    MLflow Model in its run, registered, and tagged with what it was trained on, which is what
+    --skip-if-unchanged compares."""
     client = MlflowClient(tracking_uri)
     tracking.mark_best(client, run_id, test_metrics)
+    started = time.perf_counter()
+    packaging.log_model(tracking_uri, run_id, Path(checkpoint_dir))
     tags = {registry.TAG_DATA_KEY: data_key, registry.TAG_SETTINGS_FINGERPRINT: settings_fingerprint}
-    return registry.register_version(client, model_name, run_id, tags)
+    version = registry.register_version(client, model_name, run_id, tags)
+    get_run_logger().info(
+        "registered %s version %s (MLflow Model logged in run %s in %.1f s)",
+        model_name, version, run_id, time.perf_counter() - started,
+    )  # fmt: skip
+    return version
 
 
 def best_run_markdown(summary: dict) -> str:

@@ -145,10 +145,12 @@ def test_changed_data_behind_the_same_url_is_trained_on(server, tmp_path, tiny_b
     assert second["data"]["rows"] == usable_rows(server.content) > first["data"]["rows"]
 
 
-def test_edited_cleaning_code_misses_every_cached_step(tmp_path, tiny_backbone, monkeypatch):
-    """The same data twice; between the runs the cleaning in tagifai/data.py is edited (title only).
-    The edit is made in a copy of the module's source, which the cache keys read, and the running
-    code follows it, as it would after editing the file and starting a new process."""
+def test_edited_cleaning_code_misses_the_tokenize_cache(tmp_path, tiny_backbone, monkeypatch):
+    """The same data twice; between the runs the cleaning in tagifai/text_cleaning.py is edited
+    (title only). The edit is made in a copy of the module's source, which the cache keys read, and
+    the running code follows it, as it would after editing the file and starting a new process.
+    Loading and splitting do not clean text, so they stay cached."""
+    import tagifai.text_cleaning
     from flows.tune import tune_classifier
 
     dataset = tmp_path / "projects.csv"
@@ -158,18 +160,20 @@ def test_edited_cleaning_code_misses_every_cached_step(tmp_path, tiny_backbone, 
     again = tune_classifier(settings)
     assert again["cached"] == {"load": True, "split": True, "tokenize": True}  # nothing changed: all reused
 
-    edited = tmp_path / "data.py"
-    shutil.copy(tagifai.data.__file__, edited)
+    edited = tmp_path / "text_cleaning.py"
+    shutil.copy(tagifai.text_cleaning.__file__, edited)
     source = edited.read_text()
     original_line = (
         '    return [clean_text(f"{title} {description}") for title, description in zip(titles, descriptions)]'
     )
     assert original_line in source
     edited.write_text(source.replace(original_line, "    return [clean_text(title) for title in titles]"))
-    monkeypatch.setattr(tagifai.data, "__file__", str(edited))
+    monkeypatch.setattr(tagifai.text_cleaning, "__file__", str(edited))
     monkeypatch.setattr(
-        tagifai.data, "project_texts", lambda titles, descriptions: [tagifai.data.clean_text(t) for t in titles]
+        tagifai.text_cleaning,
+        "project_texts",
+        lambda titles, descriptions: [tagifai.text_cleaning.clean_text(t) for t in titles],
     )
 
     edited_run = tune_classifier(settings)
-    assert edited_run["cached"] == {"load": False, "split": False, "tokenize": False}
+    assert edited_run["cached"] == {"load": True, "split": True, "tokenize": False}

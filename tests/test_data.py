@@ -45,6 +45,28 @@ def test_clean_text_keeps_numbers_and_handles_empty():
     assert clean_text("") == ""
 
 
+def test_stored_stop_words_are_scikit_learns_english_list():
+    """The cleaning reads its stop words from a data file (so a served model needs no
+    scikit-learn); the file must be exactly the list the models were trained with."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    from tagifai.text_cleaning import STOP_WORDS
+
+    assert STOP_WORDS == frozenset(ENGLISH_STOP_WORDS)
+
+
+def test_cleaning_module_imports_nothing_of_the_project():
+    """The registered MLflow Model carries tagifai/text_cleaning.py as its own code."""
+    import ast
+
+    import tagifai.text_cleaning
+
+    tree = ast.parse(open(tagifai.text_cleaning.__file__).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "re", "collections.abc", "pathlib"}
+
+
 def test_bundled_sample_dataset_is_valid_and_large_enough():
     data = load_dataset(None)
     frame = data.frame

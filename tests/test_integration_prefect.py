@@ -4,7 +4,7 @@ What the README's "Run on a Prefect server" section tells a user to do, from the
 start `prefect server` and `mlflow server`, create the process work pool, `prefect deploy --all`,
 start a worker, `prefect deployment run` the tuning flow (tiny settings that track into the MLflow
 server over HTTP), then evaluate the best run through the second deployment and load it back with
-`load_run_predictor`. One tuning run (about a minute on 2 idle cores) serves every test here.
+`tagifai.serving.loader.load_model`. One tuning run (about a minute on 2 idle cores) serves every test here.
 
 Every process started here runs in a session of its own and is stopped, with everything it
 started (the worker's flow runs, their local Ray), by the fixture that started it, also on failure.
@@ -211,7 +211,8 @@ def test_tuning_deployment_run_publishes_artifacts_and_summary(stack, tuning_run
 def test_trials_and_checkpoints_are_served_by_the_mlflow_server(stack, tuning_run):
     from mlflow.tracking import MlflowClient
 
-    from tagifai.serving.predictor import load_run_predictor
+    from tagifai.lifecycle.tracking import best_run_id
+    from tagifai.serving.loader import load_model
 
     _, summary = tuning_run
     client = MlflowClient(stack.mlflow_url)
@@ -225,8 +226,10 @@ def test_trials_and_checkpoints_are_served_by_the_mlflow_server(stack, tuning_ru
     assert (stored / "model.safetensors").is_file(), sorted(stack.artifacts_dir.rglob("*"))
     assert client.get_model_version_by_alias(summary["registered_model"], "champion").run_id == best.info.run_id
 
-    predictor, run_id = load_run_predictor(stack.mlflow_url, experiment_name=summary["experiment_name"])
-    assert run_id == summary["run_id"]  # the experiment's best run, found and downloaded over HTTP
+    run_id = best_run_id(client, summary["experiment_name"])
+    assert run_id == summary["run_id"]  # the experiment's best run, found and its MLflow Model downloaded over HTTP
+    predictor = load_model(stack.mlflow_url, f"runs:/{run_id}")
+    assert predictor.is_mlflow_model
     [prediction] = predictor.predict(["Transformers for text"], ["Fine-tuning BERT to classify sentences."])
     assert prediction["prediction"] in predictor.classes
     assert abs(sum(prediction["probabilities"].values()) - 1.0) < 1e-4

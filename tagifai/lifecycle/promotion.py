@@ -9,9 +9,7 @@ set's noise is told by a paired bootstrap (see `paired_bootstrap`); it informs, 
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -20,9 +18,9 @@ import pandas as pd
 from tagifai.errors import UserError
 from tagifai.evaluate import classification_metrics
 from tagifai.lifecycle import registry
-from tagifai.lifecycle.tracking import download_checkpoint
 from tagifai.metrics import weighted_f1
-from tagifai.serving.predictor import Predictor, top_tags
+from tagifai.serving.loader import LoadedModel, load_model
+from tagifai.serving.predictor import top_tags
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -160,13 +158,14 @@ def score_on(predictor, test: pd.DataFrame) -> tuple[dict, list[str]]:
     return classification_metrics(list(test["tag"]), predicted, predictor.classes), predicted
 
 
-def load_champion(client, version) -> tuple[Optional[Predictor], Optional[str]]:
-    """The champion's predictor, or why it cannot be loaded (a backbone that no longer loads, a
-    damaged or missing checkpoint): then it is not compared."""
+def load_champion(client, version) -> tuple[Optional[LoadedModel], Optional[str]]:
+    """The champion's registered model, or why it cannot be loaded (a damaged or missing model or
+    checkpoint, a backbone that no longer loads): then it is not compared."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        with tempfile.TemporaryDirectory(prefix="tagifai-checkpoint-") as folder:  # the model is in memory after
-            return Predictor(download_checkpoint(client, version.run_id, Path(folder))), None
-    except (UserError, OSError, ValueError, KeyError) as error:
+        return load_model(client.tracking_uri, f"models:/{version.name}/{version.version}"), None
+    except (UserError, MlflowException, OSError, ValueError, KeyError) as error:
         return None, f"version {version.version} does not load ({error})"
 
 

@@ -38,12 +38,32 @@ def ensure_registered_model(client: MlflowClient, model_name: str) -> None:
             raise
 
 
+def run_model_id(client: MlflowClient, run_id: str) -> Optional[str]:
+    """The id of the MLflow Model last logged in the run (MLflow 3's LoggedModel), or None for a run
+    that has only its checkpoint (registered before models were logged)."""
+    outputs = client.get_run(run_id).outputs
+    logged = sorted(outputs.model_outputs, key=lambda output: output.step) if outputs else []
+    return logged[-1].model_id if logged else None
+
+
 def register_version(client: MlflowClient, model_name: str, run_id: str, tags: Optional[dict] = None) -> str:
-    """A new version from the run's checkpoint artifact; the alias does not move."""
+    """A new version from the run's MLflow Model (tagifai/serving/packaging.py logs it), or from its
+    checkpoint artifact where the run has no model; the alias does not move."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
     ensure_registered_model(client, model_name)
-    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + CHECKPOINT_ARTIFACT
-    version = with_retries(lambda: client.create_model_version(model_name, source=source, run_id=run_id, tags=tags))
-    return str(version.version)
+    model_id = run_model_id(client, run_id)
+    if model_id is None:
+        source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + CHECKPOINT_ARTIFACT
+    else:
+        source = f"models:/{model_id}"
+
+    def create():
+        # MLflow resolves a models:/ source through its global store URI: point it at this one.
+        with _use_tracking_uri(client.tracking_uri):
+            return client.create_model_version(model_name, source=source, run_id=run_id, tags=tags, model_id=model_id)
+
+    return str(with_retries(create).version)
 
 
 def champion(client: MlflowClient, model_name: str, alias: str = CHAMPION_ALIAS):

@@ -317,6 +317,28 @@ def build(model: TextClassifier, quantize: bool = False, threads: Optional[int] 
     return OnnxClassifier(session, quantize, threads, time.perf_counter() - started, exported, weights)
 
 
+def export_inference_graph(model: TextClassifier, pad_token_id: int, path: Path) -> float:
+    """Write the fp32 graph with `model`'s weights inside it to `path`: a self-contained file that
+    any ONNX Runtime runs (the registered MLflow Model's engine). The written file is then loaded
+    as it will be served and checked against PyTorch; returns the probe's max |logit difference|."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph, _ = load_template(model, quantize=False)
+    serialized, weights = fill_weights(graph, model)
+    full = onnx.load_from_string(serialized)
+    for initializer in full.graph.initializer:
+        if initializer.name in weights:
+            initializer.CopyFrom(numpy_helper.from_array(weights[initializer.name], initializer.name))
+    kept = [prop for prop in full.metadata_props if prop.key != MAPPING_KEY]
+    del full.metadata_props[:]
+    full.metadata_props.extend(kept)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(full, str(path))
+    session = start_session(path.read_bytes(), {}, torch.get_num_threads())
+    return check_against_torch(OnnxClassifier(session, False, torch.get_num_threads(), 0.0, False), model, pad_token_id)
+
+
 def probe_split(vocab_size: int) -> TokenizedSplit:
     """Two rows of different lengths (so padding and the mask are exercised)."""
     rows = [[i % vocab_size for i in row] for row in ([101, 7592, 2088, 2003, 1037, 3231, 102], [101, 3231, 102])]

@@ -1,17 +1,17 @@
 """Load a checkpoint once and predict tags with their probabilities.
 
-Predictions run in ONNX Runtime where it is installed and the checkpoint exports
-(tagifai/serving/onnx_engine.py: same probabilities to ~1e-6, faster; `python -m benchmarks.run`
-measures it), else in PyTorch. The demo, `flows.predict`, `flows.evaluate` and the tuning flow's evaluation all
-predict through `Predictor`. $TAGIFAI_INFERENCE_ENGINE picks the engine by hand: `torch`,
-`onnx` (fp32), `onnx-int8`, or `auto` (the default, DEFAULT_ENGINE).
+Predictions run in ONNX Runtime where it is installed and the checkpoint exports (tagifai/
+serving/onnx_engine.py: same probabilities to ~1e-6, faster; `python -m benchmarks.run` measures it), else in
+PyTorch. The tuning flow evaluates its fresh best checkpoint through `Predictor`; registered models
+load through tagifai/serving/loader.py (which falls back to `Predictor` for a checkpoint-only
+version). $TAGIFAI_INFERENCE_ENGINE picks the engine by hand: `torch`, `onnx` (fp32), `onnx-int8`,
+or `auto` (the default, DEFAULT_ENGINE).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -22,7 +22,6 @@ import torch
 from tagifai.batching import tokenize_texts
 from tagifai.data import project_texts
 from tagifai.model import load_checkpoint, predict_logits
-from tagifai.settings import DEFAULT_EXPERIMENT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +98,3 @@ class Predictor:
             {"prediction": tag, "probabilities": tag_probabilities(row, self.classes)}
             for tag, row in zip(tags, probabilities)
         ]
-
-
-def load_run_predictor(
-    tracking_uri: str, run_id: str | None = None, experiment_name: str = DEFAULT_EXPERIMENT_NAME
-) -> tuple[Predictor, str]:
-    """The predictor of `run_id`, or of the experiment's best run; and the run id used."""
-    from mlflow.tracking import MlflowClient
-
-    from tagifai.lifecycle import tracking
-
-    client = MlflowClient(tracking_uri)
-    run_id = run_id or tracking.best_run_id(client, experiment_name)
-    with tempfile.TemporaryDirectory(prefix="tagifai-checkpoint-") as folder:  # the model is in memory after
-        return Predictor(tracking.download_checkpoint(client, run_id, Path(folder))), run_id
