@@ -24,12 +24,12 @@ from tagifai.tuning.trial_store import TrialStore
 INJECT_FAULT_ENV = "TAGIFAI_INJECT_FAULT"
 
 
-def _maybe_inject_fault(epoch: int) -> None:
+def maybe_inject_fault(epoch: int, trial_id: str) -> None:
     spec = os.environ.get(INJECT_FAULT_ENV)
     if not spec:
         return
     fault_epoch, folder = spec.split(":", 1)
-    marker = Path(folder) / tune.get_context().get_trial_id()
+    marker = Path(folder) / trial_id
     if epoch == int(fault_epoch) and not marker.exists():
         marker.touch()
         raise RuntimeError(f"injected fault at epoch {epoch} ({INJECT_FAULT_ENV})")
@@ -47,6 +47,13 @@ def stop_requested() -> bool:
     return bool(stop is not None and stop.is_set())
 
 
+def resources_of_this_process() -> str:
+    """Torch threads matched to the CPUs Ray gave this process; its device ("cuda" with a GPU)."""
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
+    return "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+
+
 def run_trial(
     config: dict,
     data: TokenizedData,
@@ -59,17 +66,16 @@ def run_trial(
 ) -> None:
     """One trial attempt: threads matched to its CPUs; a restarted trial (a retry after a crash, or
     a resumed experiment) continues from its own record (tagifai/tuning/trial_store.py)."""
-    assigned = ray.get_runtime_context().get_assigned_resources()
-    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
-    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
-    store = TrialStore(experiment_uri, tune.get_context().get_trial_id())
+    device = resources_of_this_process()
+    trial_id = tune.get_context().get_trial_id()
+    store = TrialStore(experiment_uri, trial_id)
     record = store.read()
     if record is not None and record.finished:  # it finished before the flow died: say so again, train nothing
         tune.report({**record.epochs[-1], "replayed": True})
         return
 
     def report(metrics: dict, save) -> None:
-        _maybe_inject_fault(metrics["epoch"])
+        maybe_inject_fault(metrics["epoch"], trial_id)
         store.record_epoch(metrics, save, finished=metrics["epoch"] >= num_epochs)
         tune.report(metrics)
 
