@@ -164,11 +164,16 @@ class TuneSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _check_batch_per_worker(self) -> TuneSettings:
+    def _check_workers(self) -> TuneSettings:
         if self.batch_size < self.num_workers:
             raise ValueError(
                 f"batch_size ({self.batch_size}) is smaller than num_workers ({self.num_workers}): "
                 "every worker needs at least one row of each batch"
+            )
+        if self.num_workers > 1 and self.gpu_per_worker != int(self.gpu_per_worker):
+            raise ValueError(
+                f"gpu_per_worker {self.gpu_per_worker:g} with num_workers {self.num_workers}: NCCL cannot run two "
+                "workers of one trial on one GPU; give each worker whole GPUs (or use num_workers 1)"
             )
         return self
 

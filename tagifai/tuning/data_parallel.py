@@ -10,16 +10,27 @@ nccl on GPU): the same seeded global batch order on every worker, each training 
 every batch, metrics gathered over all rows. Rank 0 keeps the trial's record and checkpoints
 (tagifai/tuning/trial_store.py), exactly as a one-process trial does, so resuming, retrying and
 the MLflow runs work the same way.
+
+Stopping: when Tune stops the trial (ASHA pruned it, or it reached its last epoch), the workers
+must end in order. Killed with the trial's process instead, Train's controller leaves its placement
+group behind (Ray scopes it to the job; Train's own cleaner actor, which should remove it, fails on
+a machine running several Ray instances) and the next trials wait for its CPUs forever. So the
+trial tells rank 0 through a `StopSignal` actor, all workers agree before every batch, the Train
+run returns, and Tune (reuse_actors) waits for it before reusing the trial's process.
 """
 
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import ray
 import ray.train
+import torch
 import torch.distributed as dist
 from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -28,7 +39,7 @@ from torch import nn
 
 from tagifai.batching import TokenizedData
 from tagifai.train import DataParallel, release_freed_memory, train_classifier
-from tagifai.tuning.trial import maybe_inject_fault, resources_of_this_process
+from tagifai.tuning.trial import maybe_inject_fault, resources_of_this_process, stop_requested
 from tagifai.tuning.trial_store import TrialStore
 
 
@@ -50,6 +61,40 @@ def share_gradients(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(
         model, device_ids=device_ids, static_graph=True, forward_sync_buffers=False
     )
+
+
+STOP_POLL_S = 1.0  # how often the trial and rank 0 look for a stop
+
+
+@ray.remote(num_cpus=0)
+class StopSignal:
+    """Set by the trial when Tune stops it; read by rank 0 of its Train run."""
+
+    def __init__(self):
+        self.stopped = False
+
+    def set(self) -> None:
+        self.stopped = True
+
+    def is_set(self) -> bool:
+        return self.stopped
+
+
+def agreed_stop(signal, device: str) -> Callable[[], bool]:
+    """`should_stop` for train_classifier: rank 0 asks the signal (at most every STOP_POLL_S) and
+    broadcasts its answer before every batch, so all workers leave at the same batch (one leaving
+    alone would leave the others waiting in the gradient all-reduce)."""
+    asked_at, stopped = 0.0, False
+
+    def should_stop() -> bool:
+        nonlocal asked_at, stopped
+        if dist.get_rank() == 0 and time.monotonic() - asked_at > STOP_POLL_S:
+            stopped, asked_at = ray.get(signal.is_set.remote()), time.monotonic()
+        flag = torch.tensor([int(stopped)], device=device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    return should_stop
 
 
 def train_worker(config: dict) -> None:
@@ -82,6 +127,7 @@ def train_worker(config: dict) -> None:
                 device=device,
                 precision=config["precision"],
                 trainable_layers=config["trainable_layers"],
+                should_stop=agreed_stop(config["stop_signal"], device),
                 parallel=parallel,
             )
     finally:
@@ -110,6 +156,7 @@ def run_data_parallel_trial(
         tune.report({**record.epochs[-1], "replayed": True})
         return
     use_gpu = gpu_per_worker > 0
+    signal = StopSignal.remote()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -123,6 +170,7 @@ def run_data_parallel_trial(
             "seed": seed,
             "trainable_layers": trainable_layers,
             "precision": precision,
+            "stop_signal": signal,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -140,4 +188,16 @@ def run_data_parallel_trial(
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
-    trainer.fit()
+    finished = threading.Event()
+
+    def pass_on_stop() -> None:
+        while not finished.wait(STOP_POLL_S):
+            if stop_requested():
+                signal.set.remote()
+                return
+
+    threading.Thread(target=pass_on_stop, name="pass-on-stop", daemon=True).start()
+    try:
+        trainer.fit()
+    finally:
+        finished.set()

@@ -43,6 +43,9 @@ METRIC, MODE = "val_loss", "min"
 TRIAL_DIR_PREFIX = "trial_"
 RAY_LOG_FILE = "ray.log"  # Ray's and the trials' own output, unless --verbose
 SNAPSHOT_PERIOD_S = 2
+# What a multi-worker trial's own Tune process holds: it waits on its Train run, so no CPU (one would
+# take a worker's place on a 1-CPU node), but Ray needs some resource for it: its memory (bytes).
+COORDINATOR_RESOURCES = {"cpu": 0, "gpu": 0, "memory": 256 * 1024**2}
 
 
 def param_space() -> dict:
@@ -151,9 +154,14 @@ def check_resources(settings: TuneSettings) -> None:
 
     A worker runs on one node: its request must fit a live node. A trial's workers may span
     nodes: the cluster must hold all `num_workers` of them at once. A multi-worker trial's own
-    Tune process holds nothing (tagifai/tuning/data_parallel.py); a one-worker trial is its worker.
+    Tune process holds only memory (COORDINATOR_RESOURCES); a one-worker trial is its worker.
     """
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    coordinator = COORDINATOR_RESOURCES["memory"] if settings.num_workers > 1 else 0
+    if coordinator > max((resources.get("memory", 0.0) for resources in nodes), default=0.0):
+        raise ResourceError(
+            f"each trial's coordinator needs {coordinator / 1024**2:g} MiB of Ray memory; no node has it"
+        )
     asked = {"CPU": settings.cpu_per_worker, "GPU": settings.gpu_per_worker}
     for name, amount in asked.items():
         have = max((resources.get(name, 0.0) for resources in nodes), default=0.0)
@@ -170,7 +178,8 @@ def check_resources(settings: TuneSettings) -> None:
         )
         raise ResourceError(
             f"each trial needs {settings.num_workers} workers x {settings.cpu_per_worker:g} CPU, "
-            f"{settings.gpu_per_worker:g} GPU ({needed} in all) but the Ray cluster's {len(nodes)} node(s) "
+            f"{settings.gpu_per_worker:g} GPU ({needed} in all; the trial itself holds none) but the Ray cluster's "
+            f"{len(nodes)} node(s) "
             f"({total}) hold only {fits} such workers; lower --num-workers or the per-worker resources "
             "(trials would wait forever)"
         )
@@ -193,7 +202,7 @@ def local_study_dir(claim: Claim) -> Path:
 
 def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str):
     """One process per trial (the lean default), or with --num-workers N > 1 a Tune function that
-    runs a Ray Train job of N workers and itself holds no resources (its workers hold them)."""
+    runs a Ray Train job of N workers and itself holds no CPU or GPU (its workers hold them)."""
     shared = dict(
         data=data,
         experiment_uri=experiment_uri,
@@ -210,7 +219,7 @@ def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str)
         num_workers=settings.num_workers, cpu_per_worker=settings.cpu_per_worker, gpu_per_worker=settings.gpu_per_worker
     )
     trainable = tune.with_parameters(run_data_parallel_trial, **shared, **workers)
-    return tune.with_resources(trainable, {"cpu": 0, "gpu": 0})
+    return tune.with_resources(trainable, COORDINATOR_RESOURCES)
 
 
 def build_tuner(
@@ -237,9 +246,9 @@ def build_tuner(
             trial_dirname_creator=trial_dirname,
             # A finished trial's worker runs the next one: no new process, imports or backbone
             # checksum per trial (benchmarks/RESULTS.md: ~8-10 s of start-up per trial otherwise).
-            # Not with --num-workers > 1: its Train workers are new per trial anyway, and a pruned
-            # trial, blocked in fit(), leaves only when its process ends (taking its workers along).
-            reuse_actors=settings.num_workers == 1,
+            # With --num-workers > 1 it also lets a stopped trial end its Train run in order
+            # (tagifai/tuning/data_parallel.py) instead of being killed with it.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=claim.name,
