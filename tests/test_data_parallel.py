@@ -154,3 +154,32 @@ def test_two_workers_train_like_one(tiny_data):
     # Validation is over the whole validation set, gathered from both workers: the same numbers too.
     assert relative_gap(ddp, single, "val_loss") <= tolerance
     assert [m["val_f1"] for m in ddp] == pytest.approx([m["val_f1"] for m in single], abs=1e-12)
+
+
+GIB = 1024**3
+
+
+@pytest.mark.parametrize(
+    ("num_workers", "cpus", "gpus", "cluster", "fits"),
+    [
+        (2, 1, 0, [{"CPU": 1.0, "memory": GIB}, {"CPU": 1.0, "memory": GIB}], True),  # one worker per node
+        (3, 1, 0, [{"CPU": 1.0, "memory": GIB}, {"CPU": 1.0, "memory": GIB}], False),
+        (3, 1, 0, [{"CPU": 1.5, "memory": GIB}, {"CPU": 1.5, "memory": GIB}], False),  # 3 CPUs, 1 worker per node
+        (2, 1, 1, [{"CPU": 8.0, "GPU": 1.0, "memory": GIB}, {"CPU": 8.0, "GPU": 1.0, "memory": GIB}], True),
+        (4, 1, 1, [{"CPU": 8.0, "GPU": 2.0, "memory": GIB}, {"CPU": 1.0, "GPU": 2.0, "memory": GIB}], False),
+    ],
+)
+def test_a_trials_workers_must_fit_the_cluster_together(monkeypatch, num_workers, cpus, gpus, cluster, fits):
+    from tagifai.errors import ResourceError
+    from tagifai.settings import TuneSettings
+    from tagifai.tuning import study
+
+    monkeypatch.setattr(study.ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in cluster])
+    settings = TuneSettings(num_workers=num_workers, cpu_per_worker=cpus, gpu_per_worker=gpus)
+    if fits:
+        study.check_resources(settings)
+        return
+    with pytest.raises(ResourceError) as refused:
+        study.check_resources(settings)
+    message = str(refused.value)
+    assert "\n" not in message and f"{num_workers} workers x {cpus} CPU" in message and "hold only" in message
