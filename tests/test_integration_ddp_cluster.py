@@ -81,6 +81,13 @@ def run_flow(settings, address: str, env: dict, log_path: Path, timeout_s: float
     return driver.returncode, time.monotonic() - started
 
 
+def logged_at(log: str, marker: str) -> float:
+    """Seconds since midnight of the first Prefect log line (HH:MM:SS.fff | ...) containing `marker`."""
+    line = next(line for line in log.splitlines() if marker in line and line[:2].isdigit())
+    hours, minutes, seconds = line.split(" | ", 1)[0].split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
 def test_two_worker_trials_span_the_two_nodes_and_a_champion_is_registered(two_nodes, tiny_backbone, tmp_path):
     address, _, env = two_nodes
     settings = tiny_settings(
@@ -92,7 +99,9 @@ def test_two_worker_trials_span_the_two_nodes_and_a_champion_is_registered(two_n
     assert code == 0, tail(log_path, 120)
 
     summary = json.loads(Path(settings.results_fp).read_text())
-    assert len(summary["trials"]) == 2 and all(t["status"] == "completed" for t in summary["trials"]), summary
+    trials = summary["trials"]
+    assert len(trials) == 2 and {t["status"] for t in trials} <= {"completed", "pruned"}, trials  # ASHA may prune
+    assert all(t["run_id"] and t["attempts"] == 1 for t in trials), trials
     client = MlflowClient(settings.tracking_uri)
     experiment = client.get_experiment_by_name(settings.experiment_name)
     runs = client.search_runs([experiment.experiment_id])
@@ -100,7 +109,8 @@ def test_two_worker_trials_span_the_two_nodes_and_a_champion_is_registered(two_n
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["num_workers"] == "2" and run.data.params["world_size"] == "2", run.data.params
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+        epochs = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert epochs in ([1], [1, 2]), epochs
     champion = client.get_model_version_by_alias(settings.registered_model_name, "champion")
     assert champion.run_id == summary["run_id"]
     log = log_path.read_text()
@@ -117,7 +127,13 @@ def test_a_study_that_cannot_fit_is_refused_in_one_line_before_any_trial(two_nod
     refusals = [line for line in log.splitlines() if line.startswith("error: ")]
     assert len(refusals) == 1 and "3 workers x 1 CPU" in refusals[0] and "2 CPU" in refusals[0], tail(log_path)
     assert "Traceback" not in log, tail(log_path)
-    print(f"refused after {seconds:.1f} s: {refusals[0]}")
+    # Within seconds of the study's start (before it: Prefect's temporary server and the data, tens
+    # of seconds on a busy 2-core machine whatever the settings), and not retried.
+    study_start, refused = (logged_at(log, marker) for marker in (" - tuning: ", "ResourceError("))
+    print(f"refused {refused - study_start:.1f} s after the study started, {seconds:.1f} s after launch")
+    assert refused - study_start < 10, (study_start, refused)
+    task_failures = [line for line in log.splitlines() if "tune-hyperparameters" in line and "ResourceError" in line]
+    assert len(task_failures) == 1, task_failures  # the task's retry is skipped: it would refuse again
     client = MlflowClient(settings.tracking_uri)
     experiment = client.get_experiment_by_name(settings.experiment_name)
     runs = client.search_runs([experiment.experiment_id]) if experiment else []

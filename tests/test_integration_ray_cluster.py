@@ -98,6 +98,9 @@ def as_cli_arguments(settings) -> list[str]:
     for name, value in settings.model_dump(mode="json", exclude_unset=True).items():
         if name == "trainable_layers" and value is None:  # the settings hold "all" as None
             value = "all"
+        if isinstance(value, bool):  # a flag: present or absent
+            arguments += ["--" + name.replace("_", "-")] if value else []
+            continue
         arguments += ["--" + name.replace("_", "-"), json.dumps(value) if isinstance(value, list) else str(value)]
     return arguments
 

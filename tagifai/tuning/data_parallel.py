@@ -21,6 +21,7 @@ run returns, and Tune (reuse_actors) waits for it before reusing the trial's pro
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -149,6 +150,11 @@ def run_data_parallel_trial(
 ) -> None:
     """One trial attempt (the Tune function): a Train run of `num_workers` workers that continues
     from the trial's record, as `tagifai.tuning.trial.run_trial` does for one process."""
+    # Tune reuses this process for the next trial only once this function has returned, waiting
+    # TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default) before it fails that trial; ending a Train run
+    # in order takes longer. Set here because Tune reads it in this process: the driver's setting
+    # (study.py) does not reach the nodes of a `ray start` cluster.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     trial_id = tune.get_context().get_trial_id()
     store = TrialStore(experiment_uri, trial_id)
     record = store.read()
