@@ -40,7 +40,7 @@ from torch import nn
 
 from tagifai.batching import TokenizedData
 from tagifai.train import DataParallel, release_freed_memory, train_classifier
-from tagifai.tuning.trial import maybe_inject_fault, resources_of_this_process, stop_requested
+from tagifai.tuning.trial import maybe_inject_fault, resources_of_this_process, resume_point, stop_requested
 from tagifai.tuning.trial_store import TrialStore
 
 
@@ -157,9 +157,8 @@ def run_data_parallel_trial(
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     trial_id = tune.get_context().get_trial_id()
     store = TrialStore(experiment_uri, trial_id)
-    record = store.read()
-    if record is not None and record.finished:  # it finished before the flow died: say so again, train nothing
-        tune.report({**record.epochs[-1], "replayed": True})
+    finished, checkpoint = resume_point(store)
+    if finished:
         return
     use_gpu = gpu_per_worker > 0
     signal = StopSignal.remote()
@@ -170,7 +169,7 @@ def run_data_parallel_trial(
             "data": ray.put(data),  # once into the object store, not pickled into every worker's task
             "experiment_uri": experiment_uri,
             "trial_id": trial_id,
-            "resume_checkpoint": store.checkpoint_to_use(record) if record is not None else None,
+            "resume_checkpoint": checkpoint,
             "num_epochs": num_epochs,
             "batch_size": batch_size,
             "seed": seed,

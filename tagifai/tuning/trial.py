@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import ray
 import torch
@@ -54,6 +55,16 @@ def resources_of_this_process() -> str:
     return "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
 
 
+def resume_point(store: TrialStore) -> tuple[bool, Optional[str]]:
+    """(finished, checkpoint to continue from). A trial whose record says it finished before the
+    flow died reports its last epoch again (marked replayed) and trains nothing."""
+    record = store.read()
+    if record is not None and record.finished:
+        tune.report({**record.epochs[-1], "replayed": True})
+        return True, None
+    return False, store.checkpoint_to_use(record) if record is not None else None
+
+
 def run_trial(
     config: dict,
     data: TokenizedData,
@@ -69,9 +80,8 @@ def run_trial(
     device = resources_of_this_process()
     trial_id = tune.get_context().get_trial_id()
     store = TrialStore(experiment_uri, trial_id)
-    record = store.read()
-    if record is not None and record.finished:  # it finished before the flow died: say so again, train nothing
-        tune.report({**record.epochs[-1], "replayed": True})
+    finished, checkpoint = resume_point(store)
+    if finished:
         return
 
     def report(metrics: dict, save) -> None:
@@ -79,7 +89,6 @@ def run_trial(
         store.record_epoch(metrics, save, finished=metrics["epoch"] >= num_epochs)
         tune.report(metrics)
 
-    checkpoint = store.checkpoint_to_use(record) if record is not None else None
     try:
         with tempfile.TemporaryDirectory(prefix="tagifai-resume-") as download:
             train_classifier(
