@@ -115,8 +115,9 @@ def train_epoch(
         # worker left without rows (a last batch smaller than world_size) still joins the gradient
         # all-reduce, on one row weighted 0.
         weight = len(rows) * parallel.world_size / len(batch)
-        input_ids, attention_mask = pad_batch(split, rows if len(rows) else batch[:1], pad_token_id)
-        labels = torch.from_numpy(split.labels[rows if len(rows) else batch[:1]])
+        fed = rows if len(rows) else batch[:1]
+        input_ids, attention_mask = pad_batch(split, fed, pad_token_id)
+        labels = torch.from_numpy(split.labels[fed])
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
             logits = model(input_ids.to(device), attention_mask.to(device))

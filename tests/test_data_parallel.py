@@ -183,3 +183,34 @@ def test_a_trials_workers_must_fit_the_cluster_together(monkeypatch, num_workers
         study.check_resources(settings)
     message = str(refused.value)
     assert "\n" not in message and f"{num_workers} workers x {cpus} CPU" in message and "hold only" in message
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_worker_trials_keep_their_records_on_s3_and_retry_from_them(
+    tmp_path, tiny_backbone, s3_bucket, monkeypatch
+):
+    """--storage-path s3:// with 2 workers per trial: rank 0 writes the record and checkpoints to
+    the bucket; a worker that fails (injected, once per trial, at epoch 2) fails the Train run, and
+    Tune's retry continues from the record in the bucket, not from scratch."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import tiny_settings
+    from flows.tune import tune_classifier
+    from tagifai.tuning.trial import INJECT_FAULT_ENV
+
+    monkeypatch.setenv(INJECT_FAULT_ENV, f"2:{tmp_path}")
+    settings = tiny_settings(
+        tmp_path, tiny_backbone, experiment_name="ddp-s3", num_workers=2, cpu_per_worker=1, max_concurrent=1,
+        num_runs=1, num_epochs=3, grace_period=3, storage_path=f"s3://{s3_bucket}/ray_results",
+    )  # fmt: skip
+    summary = tune_classifier(settings)
+    [trial] = summary["trials"]
+    assert trial["status"] == "completed" and trial["epochs"] == 3 and trial["attempts"] == 2, trial
+    client = MlflowClient(settings.tracking_uri)
+    failed, retried = sorted(
+        client.search_runs([client.get_experiment_by_name("ddp-s3").experiment_id]), key=lambda r: r.info.start_time
+    )
+    assert failed.info.status == "FAILED" and retried.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(retried.info.run_id, "val_loss")] == [2, 3]  # resumed
+    assert retried.data.params["world_size"] == "2"
