@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU readiness: the tuning flow on CUDA with two trials sharing one GPU (--gpu-per-worker 0.5)
 # and bf16 autocast where the GPU has it (--precision auto), on the bundled sample data.
-# Prints training tokens/s, the GPU's memory peak and test F1; fails past 5 minutes.
+# Prints training tokens/s, the GPU's memory peak and test F1; fails past 5 minutes. Then whole GPUs
+# per worker: --num-workers 1 --gpu-per-worker 1, and with 2+ GPUs --num-workers 2 (DDP over nccl).
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=/path/to/venv/bin/python to pick the interpreter
 #
@@ -80,3 +81,36 @@ if memory:
     print(f"GPU memory peak: {peak:,.0f} MiB used ({peak - baseline:,.0f} MiB above the {baseline:,.0f} before the run)")
 print(f"test F1: {summary['test']['f1']:.3f} on {summary['test']['num_samples']} rows; best params {summary['params']}")
 EOF
+
+# Whole GPUs per worker (issue 22): --num-workers 1 --gpu-per-worker 1, a trial on one GPU; with two
+# or more GPUs also --num-workers 2, a Ray Train run of 2 workers (DDP over nccl, one GPU each).
+GPUS=$(nvidia-smi --list-gpus | wc -l)
+for WORKERS in 1 $([ "$GPUS" -ge 2 ] && echo 2); do
+    NAME="gpu-check-workers-$WORKERS"
+    status=0
+    timeout "$LIMIT_S" "$PYTHON" -m flows.tune \
+        --num-workers "$WORKERS" --gpu-per-worker 1 --cpu-per-worker 1 --max-concurrent 1 --num-runs 2 \
+        --experiment-name "$NAME" --tracking-uri "sqlite:///$WORK/mlruns/mlflow.db" \
+        --storage-path "$WORK/ray_results" --results-fp "$WORK/$NAME.json" >"$WORK/$NAME.log" 2>&1 || status=$?
+    if [ "$status" -ne 0 ]; then
+        tail -40 "$WORK/$NAME.log" >&2
+        echo "gpu_check: FAILED: --num-workers $WORKERS --gpu-per-worker 1 (exit $status); log: $WORK/$NAME.log" >&2
+        exit 1
+    fi
+    "$PYTHON" - "$WORK" "$NAME" <<'PY'
+import json, sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+work, name = Path(sys.argv[1]), sys.argv[2]
+summary = json.loads((work / f"{name}.json").read_text())
+client = MlflowClient(f"sqlite:///{work}/mlruns/mlflow.db")
+runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+for run in runs:
+    epochs = [round(m.value, 2) for m in sorted(client.get_metric_history(run.info.run_id, "epoch_time_s"), key=lambda m: m.step)]
+    print(f"{name}: run {run.info.status}, num_workers {run.data.params.get('num_workers')}, "
+          f"world_size {run.data.params.get('world_size')}, epoch_time_s {epochs}")
+print(f"{name}: test F1 {summary['test']['f1']:.3f}")
+PY
+done

@@ -77,6 +77,16 @@ def tokenize_splits(splits: Splits, backbone: str, max_length: int) -> Tokenized
     )
 
 
+def subset(split: TokenizedSplit, rows: np.ndarray) -> TokenizedSplit:
+    """The rows `rows` of `split`, in that order, as a split of their own."""
+    lengths = split.lengths[rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    starts = np.repeat(split.offsets[rows], lengths)
+    within = np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)
+    return TokenizedSplit(token_ids=split.token_ids[starts + within], offsets=offsets, labels=split.labels[rows])
+
+
 def batch_order(split: TokenizedSplit, batch_size: int, rng: Optional[np.random.Generator] = None) -> list[np.ndarray]:
     """Row indices of each batch (see `iterate_batches`); cheap, so padding can be counted upfront."""
     lengths = split.lengths

@@ -74,9 +74,16 @@ class TuneSettings(BaseModel):
         description="Fine-tune only the top N encoder layers and the head; the embeddings and lower layers "
         "stay frozen (fewer FLOPs and less memory per trial). 'all' trains every layer.",
     )
-    cpu_per_worker: float = Field(1.0, gt=0, description="CPUs per trial; torch threads follow it.")
+    num_workers: int = Field(
+        1,
+        ge=1,
+        description="Workers per trial. 1: the trial is one process. N > 1: a Ray Train TorchTrainer with N "
+        "data-parallel workers (DDP: gloo on CPU, nccl on GPU), possibly on several nodes; each worker trains on "
+        "batch_size / N rows of every batch (when N does not divide it, the first ranks take one row more).",
+    )
+    cpu_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; torch threads follow it.")
     gpu_per_worker: float = Field(
-        0.0, ge=0, description="GPUs per trial (0 = CPU only; 0.5 lets two trials share a GPU)."
+        0.0, ge=0, description="GPUs per worker (0 = CPU only; 0.5 lets two trials share a GPU)."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
@@ -161,6 +168,20 @@ class TuneSettings(BaseModel):
             raise ValueError(f"grace_period ({self.grace_period}) cannot exceed num_epochs ({self.num_epochs})")
         return self
 
+    @model_validator(mode="after")
+    def _check_workers(self) -> TuneSettings:
+        if self.batch_size < self.num_workers:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is smaller than num_workers ({self.num_workers}): "
+                "every worker needs at least one row of each batch"
+            )
+        if self.num_workers > 1 and self.gpu_per_worker != int(self.gpu_per_worker):
+            raise ValueError(
+                f"gpu_per_worker {self.gpu_per_worker:g} with num_workers {self.num_workers}: NCCL cannot run two "
+                "workers of one trial on one GPU; give each worker whole GPUs (or use num_workers 1)"
+            )
+        return self
+
 
 # Options that change where results go or how the champion is chosen, not what is trained.
 NOT_TRAINING = {
@@ -173,7 +194,9 @@ NOT_TRAINING = {
 def training_fingerprint(settings: TuneSettings) -> str:
     """sha256 of the options that decide what a study trains: the same fingerprint on the same data
     means the same study."""
-    relevant = settings.model_dump(mode="json", exclude=NOT_TRAINING)
+    # num_workers only when set: studies and champions from before the option keep their fingerprint.
+    unset_default = {"num_workers"} if settings.num_workers == 1 else set()
+    relevant = settings.model_dump(mode="json", exclude=NOT_TRAINING | unset_default)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

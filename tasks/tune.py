@@ -9,6 +9,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tagifai.batching import TokenizedData
+from tagifai.errors import ResourceError
 from tagifai.settings import TuneSettings
 from tagifai.tuning.display import LiveTable, PlainLines
 from tagifai.tuning.study import tune_hyperparameters
@@ -33,7 +34,25 @@ def progress_display(logger):
     return LiveTable(Console(stderr=True), also=PlainLines(logging.LoggerAdapter(api_only, logger.extra).info))
 
 
-@task(name="tune-hyperparameters", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def retry_unless_it_cannot_fit(task, task_run, state) -> bool:
+    """Retry (resuming the study) after any failure but a study too big for the cluster, which a
+    retry would refuse again."""
+    try:
+        state.result()
+    except ResourceError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(
+    name="tune-hyperparameters",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_it_cannot_fit,
+    cache_policy=NO_CACHE,
+)
 def tune_study(
     data: TokenizedData, settings: TuneSettings, tracking_uri: str, experiment_id: str, data_key: str
 ) -> dict:

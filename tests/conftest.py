@@ -56,9 +56,10 @@ def skip_if_setup_could_not_install(package: str) -> None:
         pytest.skip(f"{package} is not installed: ./setup.sh could not install it on this machine (see its output)")
 
 
-def make_tiny_backbone(folder: Path) -> Path:
+def make_tiny_backbone(folder: Path, dropout: float = 0.1) -> Path:
     """A randomly initialised 2-layer, 32-wide BERT with the default backbone's tokenizer; seeded,
-    so that every test session trains the same model from the same start."""
+    so that every test session trains the same model from the same start. `dropout`: its own
+    hidden and attention dropout (BERT's default 0.1)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -73,6 +74,8 @@ def make_tiny_backbone(folder: Path) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)

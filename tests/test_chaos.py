@@ -72,10 +72,14 @@ def wait_for_progress(storage: str, at_least: int, process, timeout_s: float) ->
     return False
 
 
-@pytest.mark.parametrize("storage", ["local", "s3"])
-def test_flow_survives_sigkills_at_random_moments(tmp_path, tiny_backbone, storage, request, monkeypatch):
+@pytest.mark.parametrize(
+    "storage, num_workers",
+    [("local", 1), ("s3", 1), pytest.param("local", 2, marks=pytest.mark.slow, id="local-2-workers")],
+)
+def test_flow_survives_sigkills_at_random_moments(tmp_path, tiny_backbone, storage, num_workers, request, monkeypatch):
     """On a local folder and on s3:// (issue 16's guarantee where listing and deleting are slower
-    and every write is a request; the rerun takes the killed flow's lease back after its TTL)."""
+    and every write is a request; the rerun takes the killed flow's lease back after its TTL), and
+    with trials of 2 data-parallel workers (a Ray Train run each, killed along with the flow)."""
     seed = int(os.environ.get("TAGIFAI_CHAOS_SEED", random.randrange(1 << 30)))
     print(f"TAGIFAI_CHAOS_SEED={seed}")
     rng = random.Random(seed)
@@ -88,6 +92,7 @@ def test_flow_survives_sigkills_at_random_moments(tmp_path, tiny_backbone, stora
         tmp_path, tiny_backbone, "--experiment-name", "chaos", "--num-runs", str(NUM_RUNS),
         "--num-epochs", str(NUM_EPOCHS), "--grace-period", str(NUM_EPOCHS), "--batch-size", "4",
         "--results-fp", str(tmp_path / "out.json"), "--storage-path", storage_path,
+        "--num-workers", str(num_workers), *(["--max-concurrent", "1"] if num_workers > 1 else []),
     )  # fmt: skip
     kills = []
     for attempt in range(KILLS):
@@ -111,7 +116,8 @@ def test_flow_survives_sigkills_at_random_moments(tmp_path, tiny_backbone, stora
 
     final_log = tmp_path / "final.log"
     final = start_flow(command, final_log)
-    assert final.wait(timeout=600) == 0, f"(seed {seed})\n" + final_log.read_text()[-4000:]
+    # A Train run starts its worker group per trial (tens of seconds each on a busy 2-core machine).
+    assert final.wait(timeout=600 * num_workers) == 0, f"(seed {seed})\n" + final_log.read_text()[-4000:]
     summary = json.loads((tmp_path / "out.json").read_text())
     assert summary["resumed"] is True
 

@@ -49,9 +49,10 @@ def ray_head():
 
 
 @contextlib.contextmanager
-def ray_cluster(extra_env: Optional[dict] = None):
+def ray_cluster(extra_env: Optional[dict] = None, num_cpus: int = 2):
     """`ray start --head` in a session of its own; `extra_env` reaches its workers (e.g. the AWS
-    variables, as a user sets them on every node). Yields its address and temp folder."""
+    variables, as a user sets them on every node, or RAY_AUTH_MODE=token and its token). Yields its
+    address and temp folder."""
     # Short on purpose: Ray puts unix sockets under it, and socket paths are limited to 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     log_path = temp_dir / "head.log"
@@ -64,7 +65,7 @@ def ray_cluster(extra_env: Optional[dict] = None):
         "--port",
         address.split(":")[1],
         "--num-cpus",
-        "2",
+        str(num_cpus),
         "--num-gpus",
         "0",
         "--object-store-memory",
@@ -74,8 +75,9 @@ def ray_cluster(extra_env: Optional[dict] = None):
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]
-    # Token authentication off, as on the driver below (with it on, a driver needs RAY_AUTH_MODE=token).
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", **(extra_env or {}))
+    # Token authentication off unless `extra_env` turns it on, as on the driver below (with it on, a
+    # driver needs RAY_AUTH_MODE=token and the token).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     try:
         # Ray drains for up to 30 s on SIGTERM; nothing here needs draining.
@@ -96,6 +98,9 @@ def as_cli_arguments(settings) -> list[str]:
     for name, value in settings.model_dump(mode="json", exclude_unset=True).items():
         if name == "trainable_layers" and value is None:  # the settings hold "all" as None
             value = "all"
+        if isinstance(value, bool):  # a flag: present or absent
+            arguments += ["--" + name.replace("_", "-")] if value else []
+            continue
         arguments += ["--" + name.replace("_", "-"), json.dumps(value) if isinstance(value, list) else str(value)]
     return arguments
 

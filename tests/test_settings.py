@@ -21,6 +21,7 @@ def test_help_documents_every_option():
         "--batch-size",
         "--cpu-per-worker",
         "--gpu-per-worker",
+        "--num-workers",
         "--results-fp",
         "--model",
         "--max-concurrent",
@@ -65,3 +66,21 @@ def test_bad_options_exit_with_a_message(argv, message, capsys):
         parse_settings(TuneSettings, argv, "python -m flows.tune", "")
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_num_workers_is_checked_against_the_batch_and_whole_gpus():
+    assert TuneSettings().num_workers == 1
+    assert TuneSettings(num_workers=3, batch_size=3).num_workers == 3
+    with pytest.raises(ValueError, match="every worker needs at least one row"):
+        TuneSettings(num_workers=4, batch_size=3)
+    with pytest.raises(ValueError, match="NCCL cannot run two workers"):
+        TuneSettings(num_workers=2, gpu_per_worker=0.5)
+    assert TuneSettings(num_workers=2, gpu_per_worker=1).gpu_per_worker == 1
+    assert TuneSettings(num_workers=1, gpu_per_worker=0.5).gpu_per_worker == 0.5
+
+
+def test_num_workers_enters_the_fingerprint_only_above_one():
+    from tagifai.settings import training_fingerprint
+
+    assert training_fingerprint(TuneSettings()) == training_fingerprint(TuneSettings(num_workers=1))
+    assert training_fingerprint(TuneSettings()) != training_fingerprint(TuneSettings(num_workers=2))

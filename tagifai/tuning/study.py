@@ -31,6 +31,7 @@ from tagifai.settings import TuneSettings, user_cache_dir
 from tagifai.tuning import display as progress_display
 from tagifai.tuning import storage as storage_lib
 from tagifai.tuning.claim import COMPLETE_MARKER, Claim, claim_experiment_dir
+from tagifai.tuning.data_parallel import run_data_parallel_trial
 from tagifai.tuning.head import HEAD_ADDRESS_ENV, OBJECT_STORE_BYTES
 from tagifai.tuning.progress import StudyProgress
 from tagifai.tuning.ray_output import ray_logs_to, worker_output_to
@@ -43,6 +44,9 @@ METRIC, MODE = "val_loss", "min"
 TRIAL_DIR_PREFIX = "trial_"
 RAY_LOG_FILE = "ray.log"  # Ray's and the trials' own output, unless --verbose
 SNAPSHOT_PERIOD_S = 2
+# What a multi-worker trial's own Tune process holds: it waits on its Train run, so no CPU (one would
+# take a worker's place on a 1-CPU node), but Ray needs some resource for it: its memory (bytes).
+COORDINATOR_RESOURCES = {"cpu": 0, "gpu": 0, "memory": 256 * 1024**2}
 
 
 def param_space() -> dict:
@@ -55,23 +59,26 @@ class TrialTracker(tune.Callback):
 
     At each start it reads the trial's own record (tagifai/tuning/trial_store.py): epochs recorded but
     never logged (the flow died in between) are logged first, and a trial the record calls
-    finished gets no new run: its restart only reports the last epoch again.
+    finished gets no new run: its restart only reports the last epoch again. Each run's params hold
+    the hyperparameters, `num_workers` asked for and, from the first result, the `world_size` the
+    trial's workers saw.
     """
 
     # The real URIs behind the redacted ones that are pickled: a password never reaches the
     # experiment state in storage; the driver that restores it created a tracker with the real one.
     _passwords_kept: dict[str, str] = {}
 
-    def __init__(self, tracking_uri: str, experiment_id: str, session: str, experiment_uri: str):
+    def __init__(self, tracking_uri: str, experiment_id: str, session: str, experiment_uri: str, num_workers: int = 1):
         self.tracking_uri, self.experiment_id, self.session = tracking_uri, experiment_id, session
-        self.experiment_uri = experiment_uri
+        self.experiment_uri, self.num_workers = experiment_uri, num_workers
         self._client: Optional[MlflowClient] = None
         self._runs: dict[str, str] = {}
+        self._without_world_size: set[str] = set()  # runs whose first result has not come yet
         self._replayed: set[str] = set()
         TrialTracker._passwords_kept[redact(tracking_uri)] = tracking_uri
 
     def __getstate__(self):  # Ray pickles callbacks into its experiment state; clients do not pickle
-        state = {k: getattr(self, k) for k in ("experiment_id", "session", "experiment_uri")}
+        state = {k: getattr(self, k) for k in ("experiment_id", "session", "experiment_uri", "num_workers")}
         return state | {"tracking_uri": redact(self.tracking_uri)}
 
     def __setstate__(self, state):
@@ -96,15 +103,21 @@ class TrialTracker(tune.Callback):
                 tracking.with_retries(lambda: self.client.set_terminated(earlier[0].info.run_id, status="FINISHED"))
                 return
         resumed_from = record.last_checkpoint_epoch if record is not None else 0
+        params = {**trial.config, "num_workers": self.num_workers}
         self._runs[trial_id] = tracking.start_trial_run(
-            self.client, self.experiment_id, self.session, trial_id, trial.config, resumed_from
+            self.client, self.experiment_id, self.session, trial_id, params, resumed_from
         )
+        self._without_world_size.add(self._runs[trial_id])
 
     on_trial_restore = on_trial_start
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._runs.get(trial.trial_id)
         if run_id is not None and not result.get("replayed"):
+            if run_id in self._without_world_size:  # a one-process trial is a world of one
+                world_size = str(result.get("world_size", 1))
+                tracking.with_retries(lambda: self.client.log_param(run_id, "world_size", world_size))
+                self._without_world_size.discard(run_id)
             metrics = {k: result[k] for k in tracking.EPOCH_METRICS if k in result}
             tracking.log_epoch(self.client, run_id, metrics, result["epoch"])
 
@@ -143,15 +156,45 @@ def connect_ray() -> bool:
 
 
 def check_resources(settings: TuneSettings) -> None:
-    """A trial runs on one node: compare its request with the largest live node, not the total."""
+    """Refuse, before any trial, a study whose trials could never start (they would wait forever).
+
+    A worker runs on one node: its request must fit a live node. A trial's workers may span
+    nodes: the cluster must hold all `num_workers` of them at once. A multi-worker trial's own
+    Tune process holds only memory (COORDINATOR_RESOURCES); a one-worker trial is its worker.
+    """
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    for name, asked in (("CPU", settings.cpu_per_worker), ("GPU", settings.gpu_per_worker)):
+    coordinator = COORDINATOR_RESOURCES["memory"] if settings.num_workers > 1 else 0
+    if coordinator > max((resources.get("memory", 0.0) for resources in nodes), default=0.0):
+        raise ResourceError(
+            f"each trial's coordinator needs {coordinator / 1024**2:g} MiB of Ray memory; no node has it"
+        )
+    asked = {"CPU": settings.cpu_per_worker, "GPU": settings.gpu_per_worker}
+    for name, amount in asked.items():
         have = max((resources.get(name, 0.0) for resources in nodes), default=0.0)
-        if asked > have:
+        if amount > have:
             raise ResourceError(
-                f"each trial asks for {asked:g} {name} but the largest Ray node has {have:g}; "
+                f"each worker asks for {amount:g} {name} but the largest Ray node has {have:g}; "
                 f"lower --{name.lower()}-per-worker (trials would wait forever)"
             )
+    fits = sum(workers_fitting(resources, asked) for resources in nodes)
+    if fits < settings.num_workers:
+        needed = ", ".join(f"{settings.num_workers * amount:g} {name}" for name, amount in asked.items() if amount)
+        total = ", ".join(
+            f"{sum(r.get(name, 0.0) for r in nodes):g} {name}" for name, amount in asked.items() if amount
+        )
+        raise ResourceError(
+            f"each trial needs {settings.num_workers} workers x {settings.cpu_per_worker:g} CPU, "
+            f"{settings.gpu_per_worker:g} GPU ({needed} in all; the trial itself holds none) but the Ray cluster's "
+            f"{len(nodes)} node(s) "
+            f"({total}) hold only {fits} such workers; lower --num-workers or the per-worker resources "
+            "(trials would wait forever)"
+        )
+
+
+def workers_fitting(node: dict, asked: dict) -> int:
+    """How many workers asking `asked` a node with `node` resources can hold at once."""
+    counts = [int(node.get(name, 0.0) / amount + 1e-9) for name, amount in asked.items() if amount > 0]
+    return min(counts, default=0)
 
 
 def local_study_dir(claim: Claim) -> Path:
@@ -164,8 +207,9 @@ def local_study_dir(claim: Claim) -> Path:
 
 
 def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str):
-    trainable = tune.with_parameters(
-        run_trial,
+    """One process per trial (the lean default), or with --num-workers N > 1 a Tune function that
+    runs a Ray Train job of N workers and itself holds no CPU or GPU (its workers hold them)."""
+    shared = dict(
         data=data,
         experiment_uri=experiment_uri,
         num_epochs=settings.num_epochs,
@@ -174,7 +218,14 @@ def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str)
         trainable_layers=settings.trainable_layers,
         precision=settings.precision,
     )
-    return tune.with_resources(trainable, {"cpu": settings.cpu_per_worker, "gpu": settings.gpu_per_worker})
+    if settings.num_workers == 1:
+        trainable = tune.with_parameters(run_trial, **shared)
+        return tune.with_resources(trainable, {"cpu": settings.cpu_per_worker, "gpu": settings.gpu_per_worker})
+    workers = dict(
+        num_workers=settings.num_workers, cpu_per_worker=settings.cpu_per_worker, gpu_per_worker=settings.gpu_per_worker
+    )
+    trainable = tune.with_parameters(run_data_parallel_trial, **shared, **workers)
+    return tune.with_resources(trainable, COORDINATOR_RESOURCES)
 
 
 def build_tuner(
@@ -201,6 +252,8 @@ def build_tuner(
             trial_dirname_creator=trial_dirname,
             # A finished trial's worker runs the next one: no new process, imports or backbone
             # checksum per trial (benchmarks/RESULTS.md: ~8-10 s of start-up per trial otherwise).
+            # With --num-workers > 1 it also lets a stopped trial end its Train run in order
+            # (tagifai/tuning/data_parallel.py) instead of being killed with it.
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
@@ -285,7 +338,13 @@ def tune_hyperparameters(
             started_ray = connect_ray()
             try:
                 check_resources(settings)
-                tracker = TrialTracker(tracking_uri, experiment_id, session=session, experiment_uri=claim.uri)
+                tracker = TrialTracker(
+                    tracking_uri,
+                    experiment_id,
+                    session=session,
+                    experiment_uri=claim.uri,
+                    num_workers=settings.num_workers,
+                )
                 tuner = build_tuner(data, settings, claim, tracker, resume=resumed)
                 with worker_output_to(log_file, settings.verbose), progress_display.showing(display):
                     results = tuner.fit()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import ray
 import torch
@@ -24,12 +25,12 @@ from tagifai.tuning.trial_store import TrialStore
 INJECT_FAULT_ENV = "TAGIFAI_INJECT_FAULT"
 
 
-def _maybe_inject_fault(epoch: int) -> None:
+def maybe_inject_fault(epoch: int, trial_id: str) -> None:
     spec = os.environ.get(INJECT_FAULT_ENV)
     if not spec:
         return
     fault_epoch, folder = spec.split(":", 1)
-    marker = Path(folder) / tune.get_context().get_trial_id()
+    marker = Path(folder) / trial_id
     if epoch == int(fault_epoch) and not marker.exists():
         marker.touch()
         raise RuntimeError(f"injected fault at epoch {epoch} ({INJECT_FAULT_ENV})")
@@ -47,6 +48,23 @@ def stop_requested() -> bool:
     return bool(stop is not None and stop.is_set())
 
 
+def resources_of_this_process() -> str:
+    """Torch threads matched to the CPUs Ray gave this process; its device ("cuda" with a GPU)."""
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
+    return "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+
+
+def resume_point(store: TrialStore) -> tuple[bool, Optional[str]]:
+    """(finished, checkpoint to continue from). A trial whose record says it finished before the
+    flow died reports its last epoch again (marked replayed) and trains nothing."""
+    record = store.read()
+    if record is not None and record.finished:
+        tune.report({**record.epochs[-1], "replayed": True})
+        return True, None
+    return False, store.checkpoint_to_use(record) if record is not None else None
+
+
 def run_trial(
     config: dict,
     data: TokenizedData,
@@ -59,21 +77,18 @@ def run_trial(
 ) -> None:
     """One trial attempt: threads matched to its CPUs; a restarted trial (a retry after a crash, or
     a resumed experiment) continues from its own record (tagifai/tuning/trial_store.py)."""
-    assigned = ray.get_runtime_context().get_assigned_resources()
-    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
-    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
-    store = TrialStore(experiment_uri, tune.get_context().get_trial_id())
-    record = store.read()
-    if record is not None and record.finished:  # it finished before the flow died: say so again, train nothing
-        tune.report({**record.epochs[-1], "replayed": True})
+    device = resources_of_this_process()
+    trial_id = tune.get_context().get_trial_id()
+    store = TrialStore(experiment_uri, trial_id)
+    finished, checkpoint = resume_point(store)
+    if finished:
         return
 
     def report(metrics: dict, save) -> None:
-        _maybe_inject_fault(metrics["epoch"])
+        maybe_inject_fault(metrics["epoch"], trial_id)
         store.record_epoch(metrics, save, finished=metrics["epoch"] >= num_epochs)
         tune.report(metrics)
 
-    checkpoint = store.checkpoint_to_use(record) if record is not None else None
     try:
         with tempfile.TemporaryDirectory(prefix="tagifai-resume-") as download:
             train_classifier(
