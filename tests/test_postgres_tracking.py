@@ -36,8 +36,9 @@ def test_flows_opening_a_new_database_at_once_all_start(postgres_server, tmp_pat
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_flow_evaluate_predict_and_demo_track_straight_into_postgresql(
-    postgres_server, s3_bucket, tiny_backbone, tmp_path, capsys, caplog
+    postgres_server, s3_bucket, tiny_backbone, tmp_path, capsys, caplog, own_ray
 ):
     from demo.serving import load_served
     from flows import evaluate, predict
