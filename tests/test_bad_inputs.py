@@ -161,7 +161,7 @@ CASE_NAMES = [
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_bad_input_fails_fast_with_a_clear_message(
-    case, tmp_path, local_http, silent_server, tiny_backbone, monkeypatch, capsys
+    case, tmp_path, local_http, silent_server, tiny_backbone, monkeypatch, capsys, shared_ray
 ):
     from flows.tune import main
     from tasks.load import load_data
