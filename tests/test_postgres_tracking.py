@@ -18,6 +18,7 @@ from conftest import tiny_settings
 from processes import REPO
 
 
+@pytest.mark.slow  # a PostgreSQL server, flows in separate processes
 def test_flows_opening_a_new_database_at_once_all_start(postgres_server, tmp_path):
     """Four processes create MLflow's tables in one empty database at the same moment; without the
     advisory lock, concurrent schema migrations fail on duplicate tables or types."""
