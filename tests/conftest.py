@@ -1,4 +1,22 @@
-"""Shared fixtures: an isolated Prefect home, a tiny random BERT, one tiny tuning run and the demo served from it."""
+"""Shared fixtures: an isolated Prefect home, a tiny random BERT, one tiny tuning run and the demo served from it.
+
+Started once per session, for new tests to reuse rather than start their own:
+- `tiny_backbone`: the tiny random BERT (a folder);
+- `tuned_store`: one finished tiny tuning run (its workdir, settings and summary) for tests that only
+  read its results; `served`, `experiment`, `demo_url` (per module) serve its champion;
+- `shared_ray`: a local Ray kept up between in-process flow runs, which then skip Ray's start and
+  stop (the flow joins a Ray that is already initialised). A test whose trials must see an
+  environment variable set during the test asks for `own_ray` instead: Ray's workers inherit
+  the environment of the moment Ray starts;
+- `s3_server` (with `s3_bucket`: a fresh bucket per test) and `postgres_server` (create a database
+  per test with `create_database`);
+- `tiny_settings(workdir, ...)` gives each test its own MLflow store, a copy of one migrated in
+  this session (MLflow migrates a new SQLite database for seconds). Use your own experiment and
+  registered model names when you share a store.
+
+Marks: `slow` for anything that takes minutes (whole CLI runs, chaos, servers, a browser):
+`pytest -m "not slow"` is the fast tier.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +35,7 @@ GOOD_TINY = dict(num_epochs=6, batch_size=8)
 
 
 SESSION_FOLDERS: list[str] = []  # made for this session, removed at its end
+MLFLOW_TEMPLATE: list[Path] = []  # an empty MLflow SQLite store, migrated once per session
 
 
 def pytest_configure(config):
@@ -41,6 +60,10 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     import shutil
+    import sys
+
+    if "ray" in sys.modules:  # the session's shared Ray (see shared_ray)
+        sys.modules["ray"].shutdown()
 
     for folder in SESSION_FOLDERS:
         shutil.rmtree(folder, ignore_errors=True)
@@ -88,6 +111,21 @@ def tiny_backbone(tmp_path_factory) -> Path:
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
 
 
+def migrated_mlflow_store(database: Path) -> None:
+    """A new SQLite MLflow store at `database`: a copy of one migrated once in this session."""
+    import shutil
+
+    if not MLFLOW_TEMPLATE:
+        from tagifai.lifecycle.tracking import prepare_sqlite_store
+
+        template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        SESSION_FOLDERS.append(str(template.parent))
+        prepare_sqlite_store(f"sqlite:///{template}")
+        MLFLOW_TEMPLATE.append(template)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(MLFLOW_TEMPLATE[0], database)
+
+
 def tiny_settings(workdir: Path, backbone: Path, **overrides):
     from tagifai.settings import TuneSettings
 
@@ -107,7 +145,35 @@ def tiny_settings(workdir: Path, backbone: Path, **overrides):
     )
     values.update(overrides)
     (workdir / "mlruns").mkdir(parents=True, exist_ok=True)
+    database = workdir / "mlruns" / "mlflow.db"
+    if values["tracking_uri"] == f"sqlite:///{database}" and not database.exists():
+        migrated_mlflow_store(database)
     return TuneSettings(**values)
+
+
+def start_shared_ray() -> None:
+    """A local Ray, started as the flow starts it, left up for the next in-process flow run."""
+    from tagifai.settings import TuneSettings
+    from tagifai.tuning.study import connect_ray
+
+    connect_ray(TuneSettings())
+
+
+@pytest.fixture()
+def shared_ray():
+    """The session's local Ray (started now if it is not up): the flow joins it, and leaves it up."""
+    start_shared_ray()
+
+
+@pytest.fixture()
+def own_ray():
+    """No Ray up when the test starts, so that its flow starts one of its own (its workers then
+    inherit the test's environment), and none left behind."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +184,7 @@ def tuned_store(tmp_path_factory, tiny_backbone):
     from flows.tune import tune_classifier
     from tagifai.data import sample_dataset_path
 
+    start_shared_ray()
     workdir = tmp_path_factory.mktemp("tuned")
     # The sample rows in reverse order: new bytes, so this run's load/split/tokenize are cache misses
     # whichever tests ran before it (the Prefect cache is shared by the whole session).

@@ -161,11 +161,15 @@ CASE_NAMES = [
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_bad_input_fails_fast_with_a_clear_message(
-    case, tmp_path, local_http, silent_server, tiny_backbone, monkeypatch, capsys
+    case, tmp_path, local_http, silent_server, tiny_backbone, monkeypatch, capsys, shared_ray
 ):
     from flows.tune import main
+    from tasks.load import load_data
 
     monkeypatch.setattr(tagifai.data, "URL_TIMEOUT_S", 1)
+    # A transient download failure is still retried (twice), but without the 3 + 10 s waits meant
+    # for a real server's hiccup: Prefect reads the delays from the task when it retries.
+    monkeypatch.setattr(load_data, "retry_delay_seconds", [0, 0])
     argv, expected = bad_cases(tmp_path, local_http, silent_server, tiny_backbone)[case]
     store = tmp_path / "mlruns"
     store.mkdir()

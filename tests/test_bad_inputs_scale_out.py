@@ -10,6 +10,8 @@ from test_bad_inputs import write_rows
 
 from processes import free_port
 
+pytestmark = pytest.mark.slow  # a SeaweedFS and a PostgreSQL server for the session
+
 WRONG_SECRET = "not-the-secret-0123456789"
 
 

@@ -40,6 +40,7 @@ def tiny_csv(tmp_path):
     return path
 
 
+@pytest.mark.slow  # the benchmark end to end, quick mode
 def test_benchmark_writes_sane_json(tiny_backbone, tiny_csv, tmp_path):
     from benchmarks.run import main
 

@@ -130,7 +130,8 @@ def test_load_key_follows_the_content_behind_a_url(server):
     assert load_key(None, {"loc": server.url, "labelled": False}) != load_key(None, parameters)
 
 
-def test_changed_data_behind_the_same_url_is_trained_on(server, tmp_path, tiny_backbone):
+@pytest.mark.slow  # tuning runs in a row
+def test_changed_data_behind_the_same_url_is_trained_on(server, tmp_path, tiny_backbone, shared_ray):
     """The scenario of a scheduled re-tune: same URL, new bytes."""
     from flows.tune import tune_classifier
 
@@ -145,7 +146,8 @@ def test_changed_data_behind_the_same_url_is_trained_on(server, tmp_path, tiny_b
     assert second["data"]["rows"] == usable_rows(server.content) > first["data"]["rows"]
 
 
-def test_edited_cleaning_code_misses_the_tokenize_cache(tmp_path, tiny_backbone, monkeypatch):
+@pytest.mark.slow  # tuning runs in a row
+def test_edited_cleaning_code_misses_the_tokenize_cache(tmp_path, tiny_backbone, monkeypatch, shared_ray):
     """The same data twice; between the runs the cleaning in tagifai/text_cleaning.py is edited
     (title only). The edit is made in a copy of the module's source, which the cache keys read, and
     the running code follows it, as it would after editing the file and starting a new process.

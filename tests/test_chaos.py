@@ -24,14 +24,14 @@ import time
 import pyarrow.fs as pafs
 import pytest
 from mlflow.tracking import MlflowClient
-from test_faults import flow_command, runs_by_trial, start_flow
 
 from tagifai.lifecycle import tracking
 from tagifai.tuning.lease import TTL_ENV
 from tagifai.tuning.storage import open_storage
 from tagifai.tuning.trial_store import RECORD_FILE
+from tune_runs import local_store_options, runs_by_trial, start_flow, tune_command
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # At most KILLS x MAX_EPOCHS_PER_RUN (+1 racing the kill) of the study's NUM_RUNS x NUM_EPOCHS epochs
 # are recorded before the last kill, so every kill lands while the study still has work to do.
@@ -83,15 +83,14 @@ def test_flow_survives_sigkills_at_random_moments(tmp_path, tiny_backbone, stora
     seed = int(os.environ.get("TAGIFAI_CHAOS_SEED", random.randrange(1 << 30)))
     print(f"TAGIFAI_CHAOS_SEED={seed}")
     rng = random.Random(seed)
-    (tmp_path / "mlruns").mkdir()
     storage_path = str(tmp_path / "ray_results")
     if storage == "s3":
         storage_path = f"s3://{request.getfixturevalue('s3_bucket')}/ray_results"
         monkeypatch.setenv(TTL_ENV, "3")
-    command = flow_command(
-        tmp_path, tiny_backbone, "--experiment-name", "chaos", "--num-runs", str(NUM_RUNS),
-        "--num-epochs", str(NUM_EPOCHS), "--grace-period", str(NUM_EPOCHS), "--batch-size", "4",
-        "--results-fp", str(tmp_path / "out.json"), "--storage-path", storage_path,
+    command = tune_command(
+        "--model", tiny_backbone, *local_store_options(tmp_path), "--experiment-name", "chaos",
+        "--num-runs", str(NUM_RUNS), "--num-epochs", str(NUM_EPOCHS), "--grace-period", str(NUM_EPOCHS),
+        "--batch-size", "4", "--results-fp", str(tmp_path / "out.json"), "--storage-path", storage_path,
         "--num-workers", str(num_workers), *(["--max-concurrent", "1"] if num_workers > 1 else []),
     )  # fmt: skip
     kills = []

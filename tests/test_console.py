@@ -9,13 +9,13 @@ import pty
 import re
 import select
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from processes import REPO
+from tune_runs import local_store_options, tune_command
 
 NOISE = (
     "╭", "│", "Checkpoint successfully created", "run_trial pid=", "TensorBoard", "Token authentication",
@@ -24,12 +24,11 @@ NOISE = (
 EPOCH_LINE = re.compile(r"trial (\w+) epoch (\d+)/(\d+): val_loss")
 
 
-def tune_command(workdir: Path, backbone: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "flows.tune", "--model", str(backbone), "--trainable-layers", "all",
-        "--tracking-uri", f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
-        "--storage-path", str(workdir / "ray_results"), "--results-fp", str(workdir / "results.json"), *extra,
-    ]  # fmt: skip
+def console_command(workdir: Path, backbone: Path, *extra: str) -> list[str]:
+    return tune_command(
+        "--model", backbone, "--trainable-layers", "all", *local_store_options(workdir),
+        "--results-fp", workdir / "results.json", *extra,
+    )  # fmt: skip
 
 
 def environment() -> dict:
@@ -39,11 +38,12 @@ def environment() -> dict:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_the_defaults_into_a_file_are_quiet_short_and_end_with_a_summary(tmp_path, tiny_backbone):
     """4 trials x 4 epochs, the defaults' shape."""
     log = tmp_path / "out.txt"
     with open(log, "w") as out:
-        command = tune_command(tmp_path, tiny_backbone, "--num-runs", "4", "--num-epochs", "4")
+        command = console_command(tmp_path, tiny_backbone, "--num-runs", "4", "--num-epochs", "4")
         done = subprocess.run(command, cwd=REPO, env=environment(), stdout=out, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]
@@ -67,8 +67,9 @@ def test_the_defaults_into_a_file_are_quiet_short_and_end_with_a_summary(tmp_pat
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_verbose_brings_back_rays_output(tmp_path, tiny_backbone):
-    command = tune_command(tmp_path, tiny_backbone, "--num-runs", "1", "--num-epochs", "1", "--verbose")
+    command = console_command(tmp_path, tiny_backbone, "--num-runs", "1", "--num-epochs", "1", "--verbose")
     done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
@@ -76,8 +77,9 @@ def test_verbose_brings_back_rays_output(tmp_path, tiny_backbone):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_json_prints_the_full_summary_on_stdout(tmp_path, tiny_backbone):
-    command = tune_command(tmp_path, tiny_backbone, "--num-runs", "1", "--num-epochs", "1", "--json")
+    command = console_command(tmp_path, tiny_backbone, "--num-runs", "1", "--num-epochs", "1", "--json")
     done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout)
@@ -86,9 +88,10 @@ def test_json_prints_the_full_summary_on_stdout(tmp_path, tiny_backbone):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_terminal_gets_a_live_table(tmp_path, tiny_backbone):
     """Run under a pseudo-terminal: the study is drawn as a table redrawn in place."""
-    command = tune_command(tmp_path, tiny_backbone, "--num-runs", "2", "--num-epochs", "2")
+    command = console_command(tmp_path, tiny_backbone, "--num-runs", "2", "--num-epochs", "2")
     pid, fd = pty.fork()
     if pid == 0:  # the child: the CLI with the terminal as stdout and stderr
         os.chdir(REPO)

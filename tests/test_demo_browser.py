@@ -14,6 +14,8 @@ import pytest
 
 from conftest import skip_if_setup_could_not_install
 
+pytestmark = pytest.mark.slow  # a real browser against the served demo
+
 PLOTS = ("parallel-coordinates", "learning-curves")  # the Experiment tab's images, by elem_id
 PAGE_TIMEOUT_S = 90  # a loaded CI box can take a while to start the page's JavaScript
 CHROME_FLAGS = [

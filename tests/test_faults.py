@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,20 +15,13 @@ from mlflow.tracking import MlflowClient
 from conftest import tiny_settings
 from tagifai.lifecycle import tracking
 from tagifai.tuning.trial import INJECT_FAULT_ENV
+from tune_runs import local_store_options, runs_by_trial, start_flow, tune_command
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def runs_by_trial(client: MlflowClient, experiment: str) -> dict[str, list]:
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    grouped: dict[str, list] = {}
-    for run in client.search_runs([experiment_id], order_by=["attributes.start_time ASC"]):
-        grouped.setdefault(run.data.tags[tracking.TAG_TRIAL], []).append(run)
-    return grouped
+pytestmark = pytest.mark.slow  # each test runs the tuning flow, two of them as separate processes
 
 
 def test_failing_trial_is_retried_from_its_checkpoint_and_failed_attempt_is_marked(
-    tmp_path, tiny_backbone, monkeypatch, capsys
+    tmp_path, tiny_backbone, monkeypatch, capsys, own_ray
 ):
     from flows.tune import tune_classifier
 
@@ -87,33 +78,11 @@ def test_failing_trial_is_retried_from_its_checkpoint_and_failed_attempt_is_mark
     assert "corrupted" in capsys.readouterr().err  # ...then the checkpoint
 
 
-def flow_command(workdir: Path, backbone: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "flows.tune",
-        "--model",
-        str(backbone),
-        "--tracking-uri",
-        f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
-        "--storage-path",
-        str(workdir / "ray_results"),
-        *extra,
-    ]
-
-
-def start_flow(command: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_LOGGING_LEVEL": "INFO"}
-    return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
 def test_flow_killed_mid_tuning_resumes_without_rerunning_finished_trials(tmp_path, tiny_backbone):
-    (tmp_path / "mlruns").mkdir()
-    command = flow_command(
-        tmp_path,
+    command = tune_command(
+        "--model",
         tiny_backbone,
+        *local_store_options(tmp_path),
         "--experiment-name",
         "killed",
         "--num-runs",
@@ -165,13 +134,13 @@ def test_flow_killed_mid_tuning_resumes_without_rerunning_finished_trials(tmp_pa
 
 
 def test_two_flows_at_once_share_one_mlflow_store(tmp_path, tiny_backbone):
-    (tmp_path / "mlruns").mkdir()
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     flows = [
         start_flow(
-            flow_command(
-                tmp_path,
+            tune_command(
+                "--model",
                 tiny_backbone,
+                *local_store_options(tmp_path),
                 "--experiment-name",
                 "shared",
                 "--num-runs",

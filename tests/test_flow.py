@@ -73,7 +73,7 @@ def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):
     assert promotion["behavioural"] == {"passed": True, "failures": []} and "no champion yet" in promotion["reason"]
 
 
-def test_second_run_with_same_inputs_reuses_cached_steps(tuned_store, tiny_backbone):
+def test_second_run_with_same_inputs_reuses_cached_steps(tuned_store, tiny_backbone, shared_ray):
     from flows.tune import tune_classifier
 
     workdir = tuned_store["workdir"]

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_integration_ray_cluster import HEAD_START_S, RAY, TUNE_RUN_S, as_cli_arguments, ray_cluster
+from test_integration_ray_cluster import HEAD_START_S, RAY, TUNE_RUN_S, ray_cluster
 
 from conftest import tiny_settings
 from processes import running, tail
+from tune_runs import tune_command
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -73,7 +74,7 @@ def run_flow(settings, address: str, env: dict, log_path: Path, timeout_s: float
     )
     env.pop("MLFLOW_TRACKING_URI", None)
     started = time.monotonic()
-    with running([sys.executable, "-m", "flows.tune", *as_cli_arguments(settings)], log_path, env) as driver:
+    with running(tune_command(settings=settings), log_path, env) as driver:
         try:
             driver.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -30,7 +30,7 @@ import pytest
 from conftest import tiny_settings
 from processes import REPO, free_port, running, tail
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PREFECT = Path(sys.executable).with_name("prefect")
 MLFLOW = Path(sys.executable).with_name("mlflow")

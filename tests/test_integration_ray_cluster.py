@@ -34,8 +34,9 @@ import pytest
 
 from conftest import tiny_settings
 from processes import free_port, running, tail
+from tune_runs import tune_command
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RAY = Path(sys.executable).with_name("ray")
 HEAD_START_S, TUNE_RUN_S = 180, 600
@@ -92,19 +93,6 @@ def ray_cluster(extra_env: Optional[dict] = None, num_cpus: int = 2):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def as_cli_arguments(settings) -> list[str]:
-    """The `python -m flows.tune` options for the explicitly set fields of a TuneSettings."""
-    arguments = []
-    for name, value in settings.model_dump(mode="json", exclude_unset=True).items():
-        if name == "trainable_layers" and value is None:  # the settings hold "all" as None
-            value = "all"
-        if isinstance(value, bool):  # a flag: present or absent
-            arguments += ["--" + name.replace("_", "-")] if value else []
-            continue
-        arguments += ["--" + name.replace("_", "-"), json.dumps(value) if isinstance(value, list) else str(value)]
-    return arguments
-
-
 def test_tuning_flow_runs_its_trials_on_the_cluster_in_ray_address(ray_head, tiny_backbone, tmp_path):
     address, temp_dir = ray_head
     settings = tiny_settings(tmp_path, tiny_backbone)
@@ -121,7 +109,7 @@ def test_tuning_flow_runs_its_trials_on_the_cluster_in_ray_address(ray_head, tin
     )
     env.pop("MLFLOW_TRACKING_URI", None)
     log_path = tmp_path / "driver.log"
-    with running([sys.executable, "-m", "flows.tune", *as_cli_arguments(settings)], log_path, env) as driver:
+    with running(tune_command(settings=settings), log_path, env) as driver:
         try:
             driver.wait(timeout=TUNE_RUN_S)
         except subprocess.TimeoutExpired:

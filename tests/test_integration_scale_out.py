@@ -24,15 +24,15 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_faults import runs_by_trial
 from test_integration_prefect import wait_healthy
 from test_integration_ray_cluster import ray_cluster
 
 from processes import REPO, free_port, running, tail
 from tagifai.lifecycle import tracking
 from tagifai.tuning.lease import TTL_ENV
+from tune_runs import runs_by_trial, tune_command
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 LEASE_TTL_S = 6
@@ -70,15 +70,15 @@ def stack(s3_server, postgres_server, tmp_path_factory):
             yield {"root": root, "bucket": bucket, "tracking_uri": f"http://127.0.0.1:{port}", "env": env}
 
 
-def tune_command(stack: dict, backbone: Path, experiment: str, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "flows.tune", "--model", str(backbone), "--experiment-name", experiment,
+def scaled_command(stack: dict, backbone: Path, experiment: str, *extra: str) -> list[str]:
+    return tune_command(
+        "--model", backbone, "--experiment-name", experiment,
         "--registered-model-name", experiment, "--tracking-uri", stack["tracking_uri"],
         "--storage-path", f"s3://{stack['bucket']}/ray_results", "--batch-size", "8",
         # Every layer (a random backbone learns nothing frozen); promoted whatever its quality: the
         # gate is tested in test_lifecycle, this test checks where the champion is stored.
         "--trainable-layers", "all", "--force-promote", *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def run_to_end(command: list[str], env: dict, log: Path, timeout_s: float = TUNE_RUN_S) -> None:
@@ -94,7 +94,7 @@ def test_flow_tracks_into_postgresql_keeps_checkpoints_in_s3_and_the_demo_serves
     stack, s3_server, postgres_server, tiny_backbone, tmp_path
 ):
     results = tmp_path / "results.json"
-    command = tune_command(stack, tiny_backbone, "scaled", "--num-runs", "2", "--num-epochs", "2")
+    command = scaled_command(stack, tiny_backbone, "scaled", "--num-runs", "2", "--num-epochs", "2")
     run_to_end(command + ["--results-fp", str(results)], stack["env"], tmp_path / "flow.log")
     summary = json.loads(results.read_text())
     trials = summary["trials"]
@@ -176,7 +176,7 @@ def test_flow_tracks_into_postgresql_keeps_checkpoints_in_s3_and_the_demo_serves
 
 def test_a_flow_killed_mid_tuning_resumes_from_s3_without_rerunning_finished_trials(stack, tiny_backbone, tmp_path):
     results = tmp_path / "results.json"
-    command = tune_command(
+    command = scaled_command(
         stack, tiny_backbone, "killed", "--num-runs", "3", "--max-concurrent", "1", "--num-epochs", "4",
         "--grace-period", "4", "--batch-size", "4", "--results-fp", str(results),
     )  # fmt: skip

@@ -10,9 +10,6 @@ through the gate; two rollbacks; an unchanged re-tune skipped.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from conftest import GOOD_TINY, tiny_settings
 from tagifai.lifecycle import registry
 from tagifai.lifecycle.promotion import GateRules, decide, paired_bootstrap
+from tune_runs import run_flow, tune_command
 
 REPO = Path(__file__).resolve().parents[1]
 WEAK = dict(
@@ -125,28 +123,6 @@ def test_behavioural_checks_flag_a_model_that_always_predicts_one_tag(tmp_path, 
     assert all(f["expected"] != "mlops" for f in report["failures"] if f["kind"] == "minimum")
 
 
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_LOGGING_LEVEL": "INFO"}
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.tune", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    return done.returncode, done.stdout + done.stderr
-
-
-def as_argv(settings) -> list[str]:
-    """The `python -m flows.tune` options for the explicitly set fields of a TuneSettings."""
-    argv = []
-    for name, value in settings.model_dump(mode="json", exclude_unset=True).items():
-        option = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [option] if value else []
-        elif value is None:
-            argv += [option, "all"] if name == "trainable_layers" else []
-        else:
-            argv += [option, json.dumps(value) if isinstance(value, list) else str(value)]
-    return argv
-
-
 def promotion_artifacts() -> list[str]:
     """The markdown of every `promotion` artifact in this test session's Prefect database."""
     from prefect.client.orchestration import get_client
@@ -160,14 +136,17 @@ def promotion_artifacts() -> list[str]:
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory, tiny_backbone):
     """The scenario's first step: a good tiny model, promoted because there was no champion."""
+    from conftest import start_shared_ray
     from flows.tune import tune_classifier
 
+    start_shared_ray()
     workdir = tmp_path_factory.mktemp("lifecycle")
     good = tiny_settings(workdir, tiny_backbone, experiment_name="life", num_runs=1, **GOOD_TINY)
     summary = tune_classifier(good)
     return {"workdir": workdir, "good": good, "first": summary, "client": MlflowClient(good.tracking_uri)}
 
 
+@pytest.mark.slow  # tuning runs on one registry, one through the CLI
 def test_gate_scenario_weak_rejected_forced_better_rolled_back_and_skipped(lifecycle, tiny_backbone):
     """The issue's scenario, one step after the other on one registry."""
     from flows import promote
@@ -180,7 +159,7 @@ def test_gate_scenario_weak_rejected_forced_better_rolled_back_and_skipped(lifec
     # A weak model, through the CLI: rejected, and the decision recorded in four places.
     weak = tiny_settings(workdir, tiny_backbone, experiment_name="life", num_runs=1,
                          results_fp=str(workdir / "weak.json"), **WEAK)  # fmt: skip
-    code, output = run_cli(workdir, *as_argv(weak))
+    code, output = run_flow(tune_command(settings=weak))
     assert code == 0, output[-3000:]
     decision = json.loads((workdir / "weak.json").read_text())["promotion"]  # 1. the results JSON
     assert decision["promoted"] is False and decision["forced"] is False
@@ -225,6 +204,7 @@ def test_gate_scenario_weak_rejected_forced_better_rolled_back_and_skipped(lifec
                                                                          training_fingerprint(changed))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_warm_start_adds_the_champions_hyperparameters(lifecycle):
     from flows.tune import starting_from_champion
 
@@ -238,6 +218,7 @@ def test_warm_start_adds_the_champions_hyperparameters(lifecycle):
     assert extended == [*other.initial_params, good.initial_params[0]]
 
 
+@pytest.mark.slow
 def test_demo_follows_the_champion_without_failing_a_request(lifecycle):
     """A demo following the alias every 0.3 s; the alias moves while predictions stream in."""
     from gradio_client import Client

@@ -18,6 +18,7 @@ from conftest import tiny_settings
 from processes import REPO
 
 
+@pytest.mark.slow  # a PostgreSQL server, flows in separate processes
 def test_flows_opening_a_new_database_at_once_all_start(postgres_server, tmp_path):
     """Four processes create MLflow's tables in one empty database at the same moment; without the
     advisory lock, concurrent schema migrations fail on duplicate tables or types."""
@@ -36,8 +37,9 @@ def test_flows_opening_a_new_database_at_once_all_start(postgres_server, tmp_pat
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_flow_evaluate_predict_and_demo_track_straight_into_postgresql(
-    postgres_server, s3_bucket, tiny_backbone, tmp_path, capsys, caplog
+    postgres_server, s3_bucket, tiny_backbone, tmp_path, capsys, caplog, own_ray
 ):
     from demo.serving import load_served
     from flows import evaluate, predict

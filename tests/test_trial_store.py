@@ -162,6 +162,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow  # processes killed at random moments, repeatedly
 def test_sigkill_at_random_moments_never_leaves_an_unusable_record(tmp_path, experiment_uri):
     """A real writer process killed 25 times at random delays (seed printed for replay)."""
     seed = int(os.environ.get("TAGIFAI_CHAOS_SEED", random.randrange(1 << 30)))
