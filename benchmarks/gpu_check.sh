@@ -56,14 +56,21 @@ import json, sys
 from pathlib import Path
 
 from benchmarks.cli_run import mlflow_trials
+from tagifai.batching import tokenize_splits
+from tagifai.data import load_dataset, split_dataset
+from tagifai.settings import TuneSettings
 
 work, started, ended, baseline, limit = Path(sys.argv[1]), *map(float, sys.argv[2:6])
 summary = json.loads((work / "summary.json").read_text())
 memory = [float(line) for line in (work / "gpu_memory_mb.txt").read_text().split() if line.strip()]
+# Real (unpadded) tokens of one epoch: the flow's own train split (the defaults), tokenized again here.
+defaults = TuneSettings()
+splits = split_dataset(load_dataset(defaults.dataset_loc).frame, seed=defaults.seed)
+epoch_tokens = int(tokenize_splits(splits, defaults.model, defaults.max_length).train.lengths.sum())
 tokens = seconds = 0.0
 for record in sorted(work.glob("ray_results/**/trial_records/*/record.json")):
     epochs = json.loads(record.read_text())["epochs"]
-    trial_tokens = sum(e["train_tokens"] for e in epochs)
+    trial_tokens = epoch_tokens * len(epochs)
     trial_s = sum(e["epoch_time_s"] for e in epochs)  # training + validation of every epoch
     tokens, seconds = tokens + trial_tokens, seconds + trial_s
     print(f"trial {record.parent.name}: {len(epochs)} epochs, {trial_tokens / trial_s:,.0f} tokens/s")

@@ -51,6 +51,7 @@ def assert_nothing_left(seen: dict[tuple[int, str], str]) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a whole CLI run each
 @pytest.mark.parametrize(
     "ending, sig, group",
     [("normal", None, False), ("sigterm", signal.SIGTERM, False), ("ctrl-c", signal.SIGINT, True)],
@@ -71,6 +72,7 @@ def test_nothing_outlives_the_command(tmp_path, tiny_backbone, ending, sig, grou
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a whole CLI run each
 def test_an_error_exit_stops_the_early_head_too(tmp_path, tiny_backbone):
     command = tune_command(tmp_path, tiny_backbone, "--dataset-loc", str(tmp_path / "missing.csv"))
     code, seen = watch(command, tmp_path / "out.txt")

@@ -228,6 +228,7 @@ def post(url: str, payload) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
+@pytest.mark.slow  # a real `mlflow models serve` process (about 30 s to start)
 @pytest.mark.parametrize(
     "payload",
     [
@@ -247,6 +248,7 @@ def test_mlflow_models_serve_agrees_with_flows_predict(server, expected, payload
     assert np.abs(got - probabilities).max() < 1e-5
 
 
+@pytest.mark.slow  # a real `mlflow models serve` process (about 30 s to start)
 @pytest.mark.parametrize(
     "payload, named",
     [
