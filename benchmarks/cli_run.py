@@ -433,10 +433,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         workdir, options.num_runs, options.num_epochs, options.dataset_loc, options.model, warm=not options.cold
     )
     result["memory"] = memory
-    print(json.dumps({k: v for k, v in result.items() if k != "trials"}, indent=2))
-    if options.out:
-        Path(options.out).write_text(json.dumps(result, indent=2))
+    print_and_save(result, options.out, long_key="trials")
     return result
+
+
+def print_and_save(result: dict, out: str | None, long_key: str) -> None:
+    """The figures on stdout without the long per-run list `long_key`; everything in `out`, if given."""
+    print(json.dumps({k: v for k, v in result.items() if k != long_key}, indent=2))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

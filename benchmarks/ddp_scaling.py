@@ -18,7 +18,6 @@ workers, 1 worker, ...) so that load from other jobs on the machine hits both al
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from benchmarks.cli_run import mlflow_trials
+from benchmarks.cli_run import mlflow_trials, print_and_save
 from tagifai.batching import tokenize_splits
 from tagifai.data import load_dataset, split_dataset
 from tagifai.lifecycle import tracking
@@ -89,9 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         "added_startup_s": round(median_of("2x1cpu", "startup_s") - median_of("1x2cpu", "startup_s"), 1),
         "target_scaling_efficiency": 0.85,
     }
-    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
-    if options.out:
-        Path(options.out).write_text(json.dumps(results, indent=2))
+    print_and_save(results, options.out, long_key="runs")
     return results
 
 

@@ -12,6 +12,7 @@ import tagifai.data
 from tagifai.data import LoadedData, load_dataset, source_fingerprint
 from tagifai.errors import DataError, SourceUnavailableError
 from tasks.cache import key, module_source_digest
+from tasks.retries import raised
 
 
 def load_key(context, parameters) -> str:
@@ -27,13 +28,8 @@ def load_key(context, parameters) -> str:
 
 
 def retry_if_transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except SourceUnavailableError:
-        return True
-    except Exception:
-        return False
-    return False
+    """Only a source that did not answer is tried again; bad data would fail the same way."""
+    return isinstance(raised(state), SourceUnavailableError)
 
 
 @task(

@@ -10,19 +10,13 @@ from prefect.cache_policies import NO_CACHE
 from tagifai.errors import SourceUnavailableError, UserError
 from tagifai.serving.batch import score_batch
 from tagifai.settings import ScoreSettings
+from tasks.retries import raised
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
     """A bad input fails at once; a download or storage hiccup (or any crash) is worth another try."""
-    try:
-        state.result()
-    except SourceUnavailableError:
-        return True
-    except UserError:
-        return False
-    except Exception:
-        return True
-    return False
+    error = raised(state)
+    return isinstance(error, SourceUnavailableError) or (error is not None and not isinstance(error, UserError))
 
 
 # No Prefect cache: the output on disk is the cache. Its manifest and parts make a rerun (or a

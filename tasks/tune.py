@@ -13,6 +13,7 @@ from tagifai.errors import ResourceError
 from tagifai.settings import TuneSettings
 from tagifai.tuning.display import LiveTable, PlainLines
 from tagifai.tuning.study import tune_hyperparameters
+from tasks.retries import raised
 
 TRIAL_COLUMNS = ("trial_id", "run_id", "status", "epochs", "val_loss", "val_f1")
 
@@ -37,13 +38,8 @@ def progress_display(logger):
 def retry_unless_it_cannot_fit(task, task_run, state) -> bool:
     """Retry (resuming the study) after any failure but a study too big for the cluster, which a
     retry would refuse again."""
-    try:
-        state.result()
-    except ResourceError:
-        return False
-    except Exception:
-        return True
-    return False
+    error = raised(state)
+    return error is not None and not isinstance(error, ResourceError)
 
 
 @task(

@@ -153,10 +153,9 @@ def tiny_settings(workdir: Path, backbone: Path, **overrides):
 
 def start_shared_ray() -> None:
     """A local Ray, started as the flow starts it, left up for the next in-process flow run."""
-    from tagifai.settings import TuneSettings
     from tagifai.tuning.study import connect_ray
 
-    connect_ray(TuneSettings())
+    connect_ray()
 
 
 @pytest.fixture()

@@ -75,7 +75,11 @@ def test_a_trial_trains_on_cuda_exactly_when_it_holds_a_gpu(monkeypatch, tmp_pat
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this test process's threads
     seen = {}
     monkeypatch.setattr(trial, "train_classifier", lambda config, data, **kwargs: seen.update(kwargs))
-    trial.run_trial({}, None, str(tmp_path), num_epochs=1, batch_size=8, seed=0, trainable_layers=2, precision="auto")
+    trial.run_trial(
+        {},
+        None,
+        trial.TrialPlan(str(tmp_path), num_epochs=1, batch_size=8, seed=0, trainable_layers=2, precision="auto"),
+    )
     assert seen["device"] == expected and seen["precision"] == "auto"
 
 

@@ -22,12 +22,10 @@ run returns, and Tune (reuse_actors) waits for it before reusing the trial's pro
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import ray
 import ray.train
@@ -39,8 +37,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from torch import nn
 
 from tagifai.batching import TokenizedData
-from tagifai.train import DataParallel, release_freed_memory, train_classifier
-from tagifai.tuning.trial import maybe_inject_fault, resources_of_this_process, resume_point, stop_requested
+from tagifai.train import DataParallel, release_freed_memory
+from tagifai.tuning.trial import (
+    TrialPlan,
+    maybe_inject_fault,
+    resources_of_this_process,
+    resume_point,
+    stop_requested,
+    train_attempt,
+)
 from tagifai.tuning.trial_store import TrialStore
 
 
@@ -103,50 +108,28 @@ def train_worker(config: dict) -> None:
     report the same, all-rows metrics; Train passes rank 0's on to Tune)."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = resources_of_this_process()
-    store = TrialStore(config["experiment_uri"], config["trial_id"])
+    device, plan = resources_of_this_process(), config["plan"]
+    store = TrialStore(plan.experiment_uri, config["trial_id"])
     parallel = DataParallel(rank, world_size, gather=gather_from_workers, wrap=share_gradients)
 
     def report(metrics: dict, save) -> None:
         metrics = metrics | {"world_size": world_size}
         if rank == 0:
             maybe_inject_fault(metrics["epoch"], config["trial_id"])
-            store.record_epoch(metrics, save, finished=metrics["epoch"] >= config["num_epochs"])
+            store.record_epoch(metrics, save, finished=metrics["epoch"] >= plan.num_epochs)
         ray.train.report(metrics)  # a barrier: no worker starts the next epoch before the record is written
 
     try:
-        with tempfile.TemporaryDirectory(prefix="tagifai-resume-") as download:
-            checkpoint = config["resume_checkpoint"]
-            train_classifier(
-                config["hyperparameters"],
-                ray.get(config["data"]),
-                num_epochs=config["num_epochs"],
-                batch_size=config["batch_size"],
-                report=report,
-                seed=config["seed"],
-                resume_from=store.local_checkpoint(checkpoint, Path(download)) if checkpoint else None,
-                device=device,
-                precision=config["precision"],
-                trainable_layers=config["trainable_layers"],
-                should_stop=agreed_stop(config["stop_signal"], device),
-                parallel=parallel,
-            )
+        train_attempt(
+            plan, config["hyperparameters"], ray.get(config["data"]), store, config["resume_checkpoint"],
+            report=report, device=device, should_stop=agreed_stop(config["stop_signal"], device), parallel=parallel,
+        )  # fmt: skip
     finally:
         release_freed_memory()
 
 
 def run_data_parallel_trial(
-    config: dict,
-    data: TokenizedData,
-    experiment_uri: str,
-    num_epochs: int,
-    batch_size: int,
-    seed: int,
-    trainable_layers: Optional[int],
-    precision: str,
-    num_workers: int,
-    cpu_per_worker: float,
-    gpu_per_worker: float,
+    config: dict, data: TokenizedData, plan: TrialPlan, num_workers: int, cpu_per_worker: float, gpu_per_worker: float
 ) -> None:
     """One trial attempt (the Tune function): a Train run of `num_workers` workers that continues
     from the trial's record, as `tagifai.tuning.trial.run_trial` does for one process."""
@@ -156,7 +139,7 @@ def run_data_parallel_trial(
     # (study.py) does not reach the nodes of a `ray start` cluster.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     trial_id = tune.get_context().get_trial_id()
-    store = TrialStore(experiment_uri, trial_id)
+    store = TrialStore(plan.experiment_uri, trial_id)
     finished, checkpoint = resume_point(store)
     if finished:
         return
@@ -167,14 +150,9 @@ def run_data_parallel_trial(
         train_loop_config={
             "hyperparameters": config,
             "data": ray.put(data),  # once into the object store, not pickled into every worker's task
-            "experiment_uri": experiment_uri,
+            "plan": plan,
             "trial_id": trial_id,
             "resume_checkpoint": checkpoint,
-            "num_epochs": num_epochs,
-            "batch_size": batch_size,
-            "seed": seed,
-            "trainable_layers": trainable_layers,
-            "precision": precision,
             "stop_signal": signal,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -35,7 +35,7 @@ from tagifai.tuning.data_parallel import run_data_parallel_trial
 from tagifai.tuning.head import HEAD_ADDRESS_ENV, OBJECT_STORE_BYTES
 from tagifai.tuning.progress import StudyProgress
 from tagifai.tuning.ray_output import ray_logs_to, worker_output_to
-from tagifai.tuning.trial import run_trial
+from tagifai.tuning.trial import TrialPlan, run_trial
 from tagifai.tuning.trial_store import TrialRecord, TrialStore, checkpoint_epoch
 
 logger = logging.getLogger(__name__)
@@ -209,8 +209,7 @@ def local_study_dir(claim: Claim) -> Path:
 def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str):
     """One process per trial (the lean default), or with --num-workers N > 1 a Tune function that
     runs a Ray Train job of N workers and itself holds no CPU or GPU (its workers hold them)."""
-    shared = dict(
-        data=data,
+    plan = TrialPlan(
         experiment_uri=experiment_uri,
         num_epochs=settings.num_epochs,
         batch_size=settings.batch_size,
@@ -218,6 +217,7 @@ def _trainable(data: TokenizedData, settings: TuneSettings, experiment_uri: str)
         trainable_layers=settings.trainable_layers,
         precision=settings.precision,
     )
+    shared = dict(data=data, plan=plan)
     if settings.num_workers == 1:
         trainable = tune.with_parameters(run_trial, **shared)
         return tune.with_resources(trainable, {"cpu": settings.cpu_per_worker, "gpu": settings.gpu_per_worker})

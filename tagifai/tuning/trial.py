@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -65,45 +66,54 @@ def resume_point(store: TrialStore) -> tuple[bool, Optional[str]]:
     return False, store.checkpoint_to_use(record) if record is not None else None
 
 
-def run_trial(
-    config: dict,
-    data: TokenizedData,
-    experiment_uri: str,
-    num_epochs: int,
-    batch_size: int,
-    seed: int,
-    trainable_layers: int | None,
-    precision: str,
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of a study shares besides the data and its own hyperparameters."""
+
+    experiment_uri: str  # the study's folder: each trial's record lives under it
+    num_epochs: int
+    batch_size: int
+    seed: int
+    trainable_layers: Optional[int]
+    precision: str
+
+
+def train_attempt(
+    plan: TrialPlan, config: dict, data: TokenizedData, store: TrialStore, checkpoint, **loop_options
 ) -> None:
+    """The training loop as the plan says, continuing from `checkpoint` of the trial's `store` if
+    there is one; `loop_options`: report, device, should_stop (and a worker's `parallel`)."""
+    with tempfile.TemporaryDirectory(prefix="tagifai-resume-") as download:
+        train_classifier(
+            config,
+            data,
+            num_epochs=plan.num_epochs,
+            batch_size=plan.batch_size,
+            seed=plan.seed,
+            resume_from=store.local_checkpoint(checkpoint, Path(download)) if checkpoint else None,
+            precision=plan.precision,
+            trainable_layers=plan.trainable_layers,
+            **loop_options,
+        )
+
+
+def run_trial(config: dict, data: TokenizedData, plan: TrialPlan) -> None:
     """One trial attempt: threads matched to its CPUs; a restarted trial (a retry after a crash, or
     a resumed experiment) continues from its own record (tagifai/tuning/trial_store.py)."""
     device = resources_of_this_process()
     trial_id = tune.get_context().get_trial_id()
-    store = TrialStore(experiment_uri, trial_id)
+    store = TrialStore(plan.experiment_uri, trial_id)
     finished, checkpoint = resume_point(store)
     if finished:
         return
 
     def report(metrics: dict, save) -> None:
         maybe_inject_fault(metrics["epoch"], trial_id)
-        store.record_epoch(metrics, save, finished=metrics["epoch"] >= num_epochs)
+        store.record_epoch(metrics, save, finished=metrics["epoch"] >= plan.num_epochs)
         tune.report(metrics)
 
     try:
-        with tempfile.TemporaryDirectory(prefix="tagifai-resume-") as download:
-            train_classifier(
-                config,
-                data,
-                num_epochs=num_epochs,
-                batch_size=batch_size,
-                report=report,
-                seed=seed,
-                resume_from=store.local_checkpoint(checkpoint, Path(download)) if checkpoint else None,
-                device=device,
-                precision=precision,
-                trainable_layers=trainable_layers,
-                should_stop=stop_requested,
-            )
+        train_attempt(plan, config, data, store, checkpoint, report=report, device=device, should_stop=stop_requested)
     finally:
         # Free the model now, in this thread, and give the memory back before the next trial. Left
         # to the garbage collector (closures form cycles), the tensors may be freed while Ray tears
