@@ -37,7 +37,6 @@ from transformers import AutoConfig
 
 from tagifai.batching import TokenizedData, tokenize_texts
 from tagifai.data import load_dataset, project_texts, split_dataset
-from tagifai.metrics import weighted_f1
 from tagifai.model import load_checkpoint, load_tokenizer, predict_logits, resolve_backbone
 from tagifai.settings import DEFAULT_BACKBONE, DEFAULT_INITIAL_PARAMS, DEFAULT_SEED, TuneSettings
 from tagifai.train import train_classifier
@@ -151,62 +150,53 @@ def run_fold(options: dict, data: TokenizedData, seed: int, scratch: Path) -> tu
     return summary, torch.softmax(logits, dim=1).numpy()
 
 
-def paired_bootstrap(labels, probs_a, probs_b, seed: int) -> tuple[float, float, float]:
-    """Weighted-F1 difference b - a on all rows, and its 95% percentile interval over row resamples."""
-    rng = np.random.default_rng(seed)
-    pred_a, pred_b = probs_a.argmax(axis=1), probs_b.argmax(axis=1)
-    diffs = []
-    for _ in range(BOOTSTRAP_SAMPLES):
-        rows = rng.integers(0, len(labels), len(labels))
-        diffs.append(weighted_f1(labels[rows], pred_b[rows]) - weighted_f1(labels[rows], pred_a[rows]))
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return weighted_f1(labels, pred_b) - weighted_f1(labels, pred_a), float(low), float(high)
-
-
-def per_tag_f1(labels, predicted, index_to_class) -> dict:
-    scores = {}
-    for index, tag in index_to_class.items():
-        true_positive = np.sum((predicted == index) & (labels == index))
-        denominator = np.sum(labels == index) + np.sum(predicted == index)
-        scores[tag] = float(2 * true_positive / denominator) if denominator else 0.0
-    return scores
-
-
 def summarise(results: dict, seed: int) -> list[dict]:
-    """One row per choice: CV means, out-of-fold F1, paired interval and cost against the baseline."""
+    """One row per choice: CV means, out-of-fold F1, and, against the baseline on the same rows, the
+    promotion gate's paired bootstrap and verdict (challenger = the choice, champion = the baseline)
+    and the cost ratios."""
+    from tagifai.evaluate import classification_metrics
+    from tagifai.lifecycle.promotion import GateRules, decide, paired_bootstrap
+
     labels = np.asarray(results["labels"])
-    index_to_class = {index: tag for tag, index in results["class_to_index"].items()}
+    classes = sorted(results["class_to_index"], key=results["class_to_index"].get)
     base = results["choices"][BASELINE]
+    base_predicted = np.asarray(base["oof_probs"]).argmax(axis=1)
+    champion = classification_metrics([classes[i] for i in labels], [classes[i] for i in base_predicted], classes)
     rows = []
     for name, entry in results["choices"].items():
-        probs = np.asarray(entry["oof_probs"])
-        diff, low, high = paired_bootstrap(labels, np.asarray(base["oof_probs"]), probs, seed)
+        predicted = np.asarray(entry["oof_probs"]).argmax(axis=1)
+        challenger = classification_metrics([classes[i] for i in labels], [classes[i] for i in predicted], classes)
+        noise = paired_bootstrap(labels, predicted, base_predicted, seed)
+        promoted, reason = decide(challenger, champion, True, GateRules(), noise=noise)
         folds = entry.get("folds")
         rows.append(
             {
                 "choice": name,
                 "cv_mean_f1": statistics.mean(f["val_f1"] for f in folds) if folds else None,
-                "oof_f1": weighted_f1(labels, probs.argmax(axis=1)),
-                "diff_vs_base": diff,
-                "ci95": [low, high],
+                "oof_f1": challenger["f1"],
+                "diff_vs_base": noise["f1_difference"],
+                "ci95": noise["ci95"],
                 "time_ratio": entry["train_s"] / base["train_s"] if entry.get("train_s") else None,
                 "flop_ratio": entry["flop_proxy"] / base["flop_proxy"] if entry.get("flop_proxy") else None,
-                "per_tag_f1": per_tag_f1(labels, probs.argmax(axis=1), index_to_class),
+                "per_tag_f1": {tag: scores["f1"] for tag, scores in challenger["per_class"].items()},
+                "gate_promotes": promoted,
+                "gate_reason": reason,
             }
         )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| choice | CV mean F1 | OOF F1 | diff vs base [95% CI] | time x | FLOPs x | mlops F1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| choice | CV mean F1 | OOF F1 | diff vs base [95% CI] | time x | FLOPs x | mlops F1 | gate |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         mean = f"{row['cv_mean_f1']:.4f}" if row["cv_mean_f1"] is not None else "-"
         ratios = [f"{row[k]:.2f}" if row[k] is not None else "-" for k in ("time_ratio", "flop_ratio")]
         low, high = row["ci95"]
         print(
             f"| {row['choice']} | {mean} | {row['oof_f1']:.4f} | {row['diff_vs_base']:+.4f} "
-            f"[{low:+.4f}, {high:+.4f}] | {ratios[0]} | {ratios[1]} | {row['per_tag_f1'].get('mlops', 0):.3f} |"
+            f"[{low:+.4f}, {high:+.4f}] | {ratios[0]} | {ratios[1]} | {row['per_tag_f1'].get('mlops', 0):.3f} | "
+            f"{'promotes' if row['gate_promotes'] else 'keeps base'} |"
         )
 
 
