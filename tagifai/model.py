@@ -106,7 +106,8 @@ class TextClassifier(nn.Module):
     Mean pooling over real (non-pad) tokens by default: all-MiniLM-L6-v2 was trained as a sentence
     encoder through mean pooling, so its averaged token states are meaningful from step one, while
     its [CLS] state was never trained for a sentence-level objective. "cls" takes the first token's
-    state, the usual choice for backbones pretrained with a [CLS] objective (BERT, SciBERT).
+    state, the usual choice for backbones pretrained with a [CLS] objective (BERT, SciBERT); on
+    the real data it scored +0.012 weighted F1 over mean, within noise (benchmarks/RESULTS.md).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, dropout_p: float, pooling: str = "mean"):
