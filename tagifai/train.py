@@ -175,6 +175,9 @@ def train_classifier(
     device: str = "cpu",
     precision: str = "fp32",
     trainable_layers: Optional[int] = None,
+    pooling: str = "mean",
+    label_smoothing: float = 0.0,
+    class_weights: Optional[list[float]] = None,
     should_stop: Callable[[], bool] = lambda: False,
     parallel: DataParallel = SINGLE_PROCESS,
 ) -> None:
@@ -185,6 +188,8 @@ def train_classifier(
     `should_stop()` is asked before every batch: a trial the scheduler pruned leaves at once.
     With `parallel`, `batch_size` is the global batch that the workers share, and every worker
     reports the same metrics (those of all rows).
+    `label_smoothing` and `class_weights` shape the training loss only: validation keeps plain
+    cross-entropy, so checkpoints and the LR schedule are judged the same way whatever they are.
     """
     precision = resolve_precision(precision, device)
     release_freed_memory()
@@ -193,7 +198,7 @@ def train_classifier(
     lr = float(config["lr"])
     first_epoch, best_val_loss = 1, math.inf
     if resume_from is None:
-        model = build_classifier(data.backbone, len(data.class_to_index), float(config["dropout_p"]))
+        model = build_classifier(data.backbone, len(data.class_to_index), float(config["dropout_p"]), pooling)
     else:
         model, _, saved = load_checkpoint(resume_from)
         first_epoch, best_val_loss, lr = saved["epoch"] + 1, saved["val_loss"], saved["lr"]
@@ -208,18 +213,26 @@ def train_classifier(
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=float(config["lr_factor"]), patience=int(config["lr_patience"])
     )
-    loss_fn = nn.CrossEntropyLoss()
-    steps = dict(pad_token_id=data.pad_token_id, loss_fn=loss_fn, device=device, precision=precision, parallel=parallel)
+    weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=device)
+    train_loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+    steps = dict(pad_token_id=data.pad_token_id, device=device, precision=precision, parallel=parallel)
 
     for epoch in range(first_epoch, num_epochs + 1):
         started = time.perf_counter()
         epoch_lr = optimizer.param_groups[0]["lr"]
         train_loss = train_epoch(
-            trained, data.train, batch_size=batch_size, optimizer=optimizer, rng=rng, should_stop=should_stop, **steps
+            trained,
+            data.train,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            loss_fn=train_loss_fn,
+            rng=rng,
+            should_stop=should_stop,
+            **steps,
         )
         if train_loss is None:  # stopped from outside: nothing of this epoch is reported
             return
-        val_loss, val_f1 = validate(model, data.val, batch_size=batch_size * 2, **steps)
+        val_loss, val_f1 = validate(model, data.val, batch_size=batch_size * 2, loss_fn=nn.CrossEntropyLoss(), **steps)
         scheduler.step(val_loss)
         metrics = {
             "epoch": epoch,
@@ -237,6 +250,7 @@ def train_classifier(
                 "class_to_index": data.class_to_index,
                 "max_length": data.max_length,
                 "trainable_layers": trainable_layers,
+                "pooling": model.pooling,
                 "dropout_p": float(config["dropout_p"]),
                 "hyperparameters": {k: float(v) for k, v in config.items()},
                 "epoch": epoch,

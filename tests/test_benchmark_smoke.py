@@ -116,6 +116,34 @@ def test_benchmark_writes_sane_json(tiny_backbone, tiny_csv, tmp_path):
     assert results["targets"]["fixed_cost_s"]["met"] is None  # skipped, not missed
 
 
+def test_choices_cv_scores_every_development_row_once_and_compares_on_the_same_rows(tiny_backbone, tiny_csv, tmp_path):
+    from benchmarks import choices_cv
+
+    out = tmp_path / "cv.json"
+    quick = "pooling=cls,epochs=1,weights=balanced,smoothing=0.1"
+    common = ["--dataset-loc", str(tiny_csv), "--model", str(tiny_backbone), "--folds", "2", "--out", str(out)]
+    choices_cv.main([*common, "--choice", "base", "--choice", quick, "--ensemble", f"base+{quick}"])
+    results = json.loads(out.read_text())
+
+    assert results["dataset_rows"] + results["test_rows_excluded"] == 64
+    base, other = results["choices"]["base"], results["choices"][quick]
+    for entry in (base, other):
+        probs = np.asarray(entry["oof_probs"])
+        assert probs.shape == (results["dataset_rows"], 4)
+        assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)  # every row scored by the fold holding it out
+    assert other["options"]["pooling"] == "cls" and other["options"]["epochs"] == 1
+    assert other["flop_proxy"] == pytest.approx(base["flop_proxy"] / 4)  # 1 epoch of today's 4
+    ensemble = np.asarray(results["choices"][f"ensemble(base+{quick})"]["oof_probs"])
+    assert np.allclose(ensemble, (np.asarray(base["oof_probs"]) + np.asarray(other["oof_probs"])) / 2, atol=1e-4)
+    rows = {row["choice"]: row for row in results["summary"]}
+    assert rows["base"]["diff_vs_base"] == 0 and rows["base"]["ci95"] == [0, 0]
+    assert not rows["base"]["gate_promotes"]  # a tie keeps the champion
+    assert rows[quick]["flop_ratio"] == pytest.approx(0.25)
+
+    choices_cv.main([*common, "--choice", "base"])  # already there: kept, not retrained
+    assert json.loads(out.read_text())["choices"]["base"]["finished_at"] == base["finished_at"]
+
+
 def test_in_process_levers(tiny_backbone, tiny_csv):
     """The levers that need no extra processes (the thread and bf16 levers are left to real runs)."""
     from benchmarks import train_bench

@@ -11,7 +11,7 @@ from tagifai.batching import TokenizedSplit, iterate_batches, tokenize_splits
 from tagifai.data import load_dataset, split_dataset
 from tagifai.errors import ModelError
 from tagifai.metrics import weighted_f1
-from tagifai.model import build_classifier, freeze_lower_layers, load_checkpoint, save_checkpoint
+from tagifai.model import build_classifier, freeze_lower_layers, load_checkpoint, predict_logits, save_checkpoint
 from tagifai.serving.predictor import Predictor
 from tagifai.settings import DEFAULT_BACKBONE
 from tagifai.train import train_classifier
@@ -79,6 +79,59 @@ def test_checkpoint_round_trip_gives_identical_predictions(tiny_data, tiny_backb
     probabilities = predictor.predict_proba(list(splits.test["title"]), list(splits.test["description"]))
     assert probabilities.shape == (len(splits.test), len(data.class_to_index))
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_pooling_option_reads_mean_or_first_token_and_survives_a_checkpoint(tiny_data, tiny_backbone, tmp_path):
+    _, data = tiny_data
+    ids = torch.tensor([[101, 2000, 3000, 102], [101, 2500, 102, 0]])
+    mask = (ids != 0).long()
+    from tagifai.model import load_tokenizer
+
+    for pooling in ("mean", "cls"):
+        torch.manual_seed(0)
+        model = build_classifier(str(tiny_backbone), len(data.class_to_index), 0.5, pooling=pooling).eval()
+        with torch.inference_mode():
+            states = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).float()
+            pooled = states[:, 0] if pooling == "cls" else (states * weights).sum(1) / weights.sum(1)
+            assert torch.allclose(model(ids, mask), model.head(pooled), atol=1e-6)
+        args = {"class_to_index": data.class_to_index, "dropout_p": 0.5, "pooling": pooling}
+        save_checkpoint(model, load_tokenizer(str(tiny_backbone)), tmp_path / pooling, args)
+        restored = load_checkpoint(tmp_path / pooling)[0]
+        assert restored.pooling == pooling
+        with torch.inference_mode():
+            assert torch.equal(model(ids, mask), restored(ids, mask))
+    with pytest.raises(ModelError, match="pooling must be one of"):
+        build_classifier(str(tiny_backbone), 4, 0.5, pooling="max")
+
+
+def test_loss_options_shape_training_but_not_the_validation_loss(tiny_data, tmp_path):
+    """Label smoothing and class weights change what is trained; the reported validation loss stays
+    plain cross-entropy of the kept checkpoint, so choices are compared on one scale."""
+    _, data = tiny_data
+    favoured = 0
+    predicted_share = {}
+    for name, options in {
+        "plain": {},
+        "weighted": {"class_weights": [20.0 if i == favoured else 0.05 for i in range(len(data.class_to_index))]},
+        "smoothed": {"label_smoothing": 0.4},
+    }.items():
+        reports = []
+
+        def report(metrics, save, name=name, reports=reports):
+            reports.append(metrics)
+            if save is not None:
+                save(tmp_path / name)
+
+        train_classifier(CONFIG, data, num_epochs=2, batch_size=16, report=report, seed=0, **options)
+        model = load_checkpoint(tmp_path / name)[0]
+        logits = predict_logits(model, data.val, batch_size=32, pad_token_id=data.pad_token_id)
+        plain_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(data.val.labels)).item()
+        best = min(reports, key=lambda m: m["val_loss"])
+        assert best["val_loss"] == pytest.approx(plain_loss, rel=1e-5)
+        predicted_share[name] = float((logits.argmax(dim=1) == favoured).float().mean())
+    assert predicted_share["weighted"] > predicted_share["plain"]
+    assert predicted_share["weighted"] > 0.9
 
 
 def test_corrupted_checkpoint_is_refused(tiny_data, tiny_backbone, tmp_path):

@@ -40,13 +40,14 @@ DESCRIPTIONS = [
 ]
 
 
-def make_checkpoint(backbone, folder, seed: int):
+def make_checkpoint(backbone, folder, seed: int, pooling: str = "mean"):
     torch.manual_seed(seed)
-    model = build_classifier(str(backbone), len(TAGS), 0.1)
+    model = build_classifier(str(backbone), len(TAGS), 0.1, pooling=pooling)
     with torch.no_grad():  # move every weight, so two checkpoints of one architecture really differ
         for parameter in model.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
     args = {"class_to_index": {tag: i for i, tag in enumerate(TAGS)}, "dropout_p": 0.1, "max_length": 64}
+    args["pooling"] = pooling
     return save_checkpoint(model, load_tokenizer(str(backbone)), folder, args)
 
 
@@ -68,6 +69,16 @@ def test_fp32_engine_matches_pytorch_for_single_texts_and_mixed_batches(checkpoi
             np.testing.assert_allclose(got, slow.predict_proba(TITLES, DESCRIPTIONS), atol=FP32_TOLERANCE, rtol=0)
             np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
     assert not fast.engine.exported  # the architecture's graph came from the cache the second time
+
+
+def test_cls_pooling_gets_its_own_graph_that_matches_pytorch(checkpoints, tiny_backbone, tmp_path):
+    """The exported graph is keyed by pooling: a [CLS] model must not reuse a mean-pooling graph."""
+    cls_checkpoint = make_checkpoint(tiny_backbone, tmp_path / "cls", seed=3, pooling="cls")
+    fast, slow = Predictor(cls_checkpoint, engine="onnx"), Predictor(cls_checkpoint, engine="torch")
+    assert fast.engine_name == "onnxruntime-fp32"
+    assert onnx_engine.template_key(slow.model) != onnx_engine.template_key(Predictor(checkpoints[0]).model)
+    got = fast.predict_proba(TITLES, DESCRIPTIONS, batch_size=2)
+    np.testing.assert_allclose(got, slow.predict_proba(TITLES, DESCRIPTIONS), atol=FP32_TOLERANCE, rtol=0)
 
 
 def test_int8_engine_stays_close(checkpoints):

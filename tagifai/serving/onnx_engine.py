@@ -70,6 +70,7 @@ def template_key(model: TextClassifier) -> str:
     parts = {
         "config": {k: v for k, v in sorted(config.items()) if k not in ("transformers_version", "_name_or_path")},
         "classes": model.head.out_features,
+        "pooling": model.pooling,
         "versions": [torch.__version__, transformers.__version__, onnxruntime.__version__],
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
@@ -82,7 +83,7 @@ def _randomized_copy(model: TextClassifier) -> TextClassifier:
     from transformers import AutoModel
 
     backbone = AutoModel.from_config(model.backbone.config, attn_implementation="eager")
-    copy = TextClassifier(backbone, model.head.out_features, 0.0).eval()
+    copy = TextClassifier(backbone, model.head.out_features, 0.0, model.pooling).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in copy.parameters():
