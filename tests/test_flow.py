@@ -21,7 +21,8 @@ def test_flow_tracks_every_trial_and_registers_the_best(tuned_store):
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert {t["run_id"] for t in summary["trials"]} == {r.info.run_id for r in runs}
     for run in runs:
-        assert set(run.data.params) == {"dropout_p", "lr", "lr_factor", "lr_patience"}
+        assert set(run.data.params) == {"dropout_p", "lr", "lr_factor", "lr_patience", "num_workers", "world_size"}
+        assert run.data.params["num_workers"] == run.data.params["world_size"] == "1"  # one process per trial
         assert run.data.tags[tracking.TAG_TRIAL]
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
