@@ -84,7 +84,7 @@ class LoopProbe:
 
     @contextlib.contextmanager
     def active(self):
-        original_epoch, original_batches = train_module.train_epoch, train_module.iterate_batches
+        original_epoch, original_pad = train_module.train_epoch, train_module.pad_batch
 
         def train_epoch(*args, **kwargs):
             started = time.perf_counter()
@@ -97,18 +97,19 @@ class LoopProbe:
             )
             return loss
 
-        def iterate_batches(split, batch_size, pad_token_id, rng=None):
-            for input_ids, attention_mask, labels in original_batches(split, batch_size, pad_token_id, rng):
-                if rng is not None:  # training batches; validation's come in length order without rng
-                    self._tokens += int(attention_mask.sum())
-                    self._padded += attention_mask.numel()
-                yield input_ids, attention_mask, labels
+        # Only the training loop pads through train.pad_batch (validation goes through the model's
+        # predict_logits), so these are the training batches' real and padded tokens.
+        def pad_batch(split, indices, pad_token_id):
+            input_ids, attention_mask = original_pad(split, indices, pad_token_id)
+            self._tokens += int(attention_mask.sum())
+            self._padded += attention_mask.numel()
+            return input_ids, attention_mask
 
-        train_module.train_epoch, train_module.iterate_batches = train_epoch, iterate_batches
+        train_module.train_epoch, train_module.pad_batch = train_epoch, pad_batch
         try:
             yield self
         finally:
-            train_module.train_epoch, train_module.iterate_batches = original_epoch, original_batches
+            train_module.train_epoch, train_module.pad_batch = original_epoch, original_pad
 
 
 def compare_with_naive(
