@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from test_console import environment, tune_command
+from test_console import console_command, environment
 
 from processes import command_line, descendants, still_alive
 
@@ -59,7 +59,7 @@ def assert_nothing_left(seen: dict[tuple[int, str], str]) -> None:
 def test_nothing_outlives_the_command(tmp_path, tiny_backbone, ending, sig, group):
     # With a signal: a study long enough for it to arrive mid-study, no trial pruned before.
     shape = ["--num-epochs", "2"] if sig is None else ["--num-epochs", "200", "--grace-period", "200"]
-    command = tune_command(tmp_path, tiny_backbone, "--num-runs", "2", *shape)
+    command = console_command(tmp_path, tiny_backbone, "--num-runs", "2", *shape)
     code, seen = watch(command, tmp_path / "out.txt", sig, group)
     text = (tmp_path / "out.txt").read_text()
     assert (code == 0) == (sig is None), text[-3000:]
@@ -74,7 +74,7 @@ def test_nothing_outlives_the_command(tmp_path, tiny_backbone, ending, sig, grou
 @pytest.mark.integration
 @pytest.mark.slow  # a whole CLI run each
 def test_an_error_exit_stops_the_early_head_too(tmp_path, tiny_backbone):
-    command = tune_command(tmp_path, tiny_backbone, "--dataset-loc", str(tmp_path / "missing.csv"))
+    command = console_command(tmp_path, tiny_backbone, "--dataset-loc", str(tmp_path / "missing.csv"))
     code, seen = watch(command, tmp_path / "out.txt")
     text = (tmp_path / "out.txt").read_text()
     assert code == 1 and "error:" in text, text[-3000:]
