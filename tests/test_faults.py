@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_settings
-from tagifai.lifecycle import tracking
+from tagifai.lifecycle import registry, tracking
 from tagifai.tuning.trial import INJECT_FAULT_ENV
 from tune_runs import local_store_options, runs_by_trial, start_flow, tune_command
 
@@ -41,10 +41,13 @@ def test_failing_trial_is_retried_from_its_checkpoint_and_failed_attempt_is_mark
         assert [m.step for m in client.get_metric_history(retried.info.run_id, "val_loss")] == [2, 3]
     assert all(t["epochs"] == 3 and t["status"] == "completed" for t in summary["trials"])
 
-    # A corrupted checkpoint in the store is refused by predict and evaluate with a clear error.
+    # A corrupted model in the store is refused by predict and evaluate with a clear error: the
+    # MLflow Model's graph they load (its sha256 is checked), and the training checkpoint beside it.
     artifact_dir = Path(client.get_run(summary["run_id"]).info.artifact_uri.removeprefix("file://"))
-    weights = artifact_dir / "checkpoint" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-64] + b"\0" * 64)
+    model_id = registry.run_model_id(client, summary["run_id"])
+    model_dir = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    for damaged in (artifact_dir / "checkpoint" / "model.safetensors", model_dir / "artifacts" / "model.onnx"):
+        damaged.write_bytes(damaged.read_bytes()[:-64] + b"\0" * 64)
     from flows import evaluate, predict
 
     with pytest.raises(SystemExit) as exit_info:

@@ -35,6 +35,7 @@ from tagifai.serving.batch_io import (
     open_input,
     target_schema,
 )
+from tagifai.serving.loader import without_type_hint_advice
 from tagifai.settings import ScoreSettings
 from tagifai.tuning.display import format_seconds
 
@@ -89,7 +90,8 @@ def load_model(load_uri: str, tracking_uri: str):
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
-        return mlflow.pyfunc.load_model(load_uri)
+        with without_type_hint_advice():
+            return mlflow.pyfunc.load_model(load_uri)
     except Exception as error:  # MLflow raises many kinds here; each means this model cannot be used
         raise ModelError(f"cannot load the model {load_uri}: {str(error).splitlines()[0]}") from None
 

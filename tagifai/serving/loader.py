@@ -10,8 +10,10 @@ still loads, from the checkpoint, with a one-line warning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,15 @@ from tagifai.errors import TrackingError
 
 logger = logging.getLogger(__name__)
 PROBABILITY_PREFIX = "probability_"
+
+
+@contextlib.contextmanager
+def without_type_hint_advice():
+    """MLflow advises type hints on `predict` (a coloured UserWarning) each time the model's code is
+    run, at logging and at every load; this model declares a signature instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        yield
 
 
 class PyfuncScorer:
@@ -136,7 +147,8 @@ def load_model(tracking_uri: str, uri: str) -> LoadedModel:
             predictor = Predictor(tracking.download_checkpoint(client, run_id, Path(folder)))
             return LoadedModel(predictor, uri, run_id, version, predictor.args)
         try:
-            model = mlflow.pyfunc.load_model(download_model(client, source, folder))
+            with without_type_hint_advice():
+                model = mlflow.pyfunc.load_model(download_model(client, source, folder))
         except (MlflowException, OSError) as error:
             raise TrackingError(f"cannot load the MLflow Model of {uri} ({source}): {error}") from None
     args = (model.metadata.metadata or {}).get(packaging.METADATA_KEY, {})

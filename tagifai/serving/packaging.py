@@ -15,7 +15,8 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 
 from tagifai import text_cleaning
-from tagifai.model import load_checkpoint
+from tagifai.model import file_sha256, load_checkpoint
+from tagifai.serving.loader import without_type_hint_advice
 
 MODEL_NAME = "model"  # the logged model's name in its run
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -68,6 +69,7 @@ def write_artifacts(checkpoint_dir: Path, folder: Path) -> tuple[dict[str, str],
         "max_length": int(args.get("max_length", 128)),
         "pad_token_id": pad_token_id,
         "max_rows": MAX_ROWS,
+        "onnx_sha256": file_sha256(folder / "model.onnx"),  # checked at every load: a damaged graph is refused
     }
     (folder / "classes.json").write_text(json.dumps(config, indent=2))
     artifacts = {
@@ -98,7 +100,7 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: Path):
         provenance = {k: args[k] for k in ("backbone", "hyperparameters", "epoch", "val_loss", "val_f1") if k in args}
         # Model.log rather than pyfunc.log_model: it takes the run id, so no global active run is
         # started; MLflow reads the store from its global URI, set here for this call only.
-        with _use_tracking_uri(tracking_uri):
+        with _use_tracking_uri(tracking_uri), without_type_hint_advice():
             return Model.log(
                 artifact_path=None,
                 name=MODEL_NAME,

@@ -15,11 +15,12 @@ with HTTP 400 and the message.
 
 Artifacts: `onnx_model` (the fp32 graph with its weights), `tokenizer` (the tokenizer files;
 tokenizer.json is what runs), `classes` (JSON: the tags in class order, max_length, pad token id,
-max_rows).
+max_rows, the graph's sha256, checked at load).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -47,6 +48,11 @@ class TagClassifier(PythonModel):
         from tokenizers import Tokenizer
 
         config = json.loads(Path(context.artifacts["classes"]).read_text())
+        graph = Path(context.artifacts["onnx_model"])
+        if "onnx_sha256" in config and hashlib.sha256(graph.read_bytes()).hexdigest() != config["onnx_sha256"]:
+            raise MlflowException(
+                f"the model's graph {graph.name} is corrupted (its sha256 differs from the logged one)"
+            )
         self.classes = list(config["classes"])
         self.pad_token_id = int(config["pad_token_id"])
         self.max_rows = int((context.model_config or {}).get("max_rows", config["max_rows"]))
