@@ -31,9 +31,16 @@ PROBABILITY_PREFIX = "probability_"
 @contextlib.contextmanager
 def without_type_hint_advice():
     """MLflow advises type hints on `predict` (a coloured UserWarning) each time the model's code is
-    run, at logging and at every load; this model declares a signature instead."""
+    run, at logging and at every load; this model declares a signature instead. Dropped where
+    warnings are shown: MLflow turns its UserWarnings back on ("once") around that code, past any filter."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        show = warnings.showwarning
+
+        def show_others(message, category, filename, lineno, file=None, line=None):
+            if "Add type hints to the `predict` method" not in str(message):
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_others
         yield
 
 
