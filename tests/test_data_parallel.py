@@ -188,7 +188,7 @@ def test_a_trials_workers_must_fit_the_cluster_together(monkeypatch, num_workers
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_worker_trials_keep_their_records_on_s3_and_retry_from_them(
-    tmp_path, tiny_backbone, s3_bucket, monkeypatch
+    tmp_path, tiny_backbone, s3_bucket, monkeypatch, own_ray
 ):
     """--storage-path s3:// with 2 workers per trial: rank 0 writes the record and checkpoints to
     the bucket; a worker that fails (injected, once per trial, at epoch 2) fails the Train run, and
