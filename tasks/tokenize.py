@@ -27,7 +27,7 @@ def tokenize_key(context, parameters) -> str:
         tokenizer_digest(parameters["backbone"]),
         parameters["max_length"],
         module_source_digest(tagifai.data, tagifai.batching, tagifai.text_cleaning),
-        hashlib.sha256(tagifai.text_cleaning.STOP_WORDS_FILE.read_bytes()).hexdigest(),
+        hashlib.sha256(" ".join(sorted(tagifai.text_cleaning.STOP_WORDS)).encode()).hexdigest(),
     )
 
 

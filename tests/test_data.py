@@ -45,14 +45,24 @@ def test_clean_text_keeps_numbers_and_handles_empty():
     assert clean_text("") == ""
 
 
-def test_stored_stop_words_are_scikit_learns_english_list():
-    """The cleaning reads its stop words from a data file (so a served model needs no
-    scikit-learn); the file must be exactly the list the models were trained with."""
+def test_a_registered_model_carries_scikit_learns_stop_words(tmp_path):
+    """A served model reads its stop words from the list logged beside its cleaning code (so it needs
+    no scikit-learn); that list must be exactly the one the project trains with."""
+    import importlib.util
+    import shutil
+
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-    from tagifai.text_cleaning import STOP_WORDS
+    from tagifai.serving.packaging import write_code
 
-    assert STOP_WORDS == frozenset(ENGLISH_STOP_WORDS)
+    code = tmp_path / "code"
+    cleaning, stop_words = write_code(code)
+    assert stop_words == str(code / "stop_words.txt")
+    shutil.copy(cleaning, code / "text_cleaning.py")  # as MLflow lays out the model's code folder
+    spec = importlib.util.spec_from_file_location("carried_cleaning", code / "text_cleaning.py")
+    carried = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(carried)
+    assert carried.STOP_WORDS == frozenset(ENGLISH_STOP_WORDS)
 
 
 def test_cleaning_module_imports_nothing_of_the_project():
@@ -64,7 +74,8 @@ def test_cleaning_module_imports_nothing_of_the_project():
     tree = ast.parse(open(tagifai.text_cleaning.__file__).read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "re", "collections.abc", "pathlib"}
+    # scikit-learn only where no stop-word list is carried beside the file (in the project itself)
+    assert imported <= {"__future__", "re", "collections.abc", "pathlib", "sklearn.feature_extraction.text"}
 
 
 def test_bundled_sample_dataset_is_valid_and_large_enough():

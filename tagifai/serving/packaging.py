@@ -20,7 +20,6 @@ from tagifai.serving.loader import without_type_hint_advice
 
 MODEL_NAME = "model"  # the logged model's name in its run
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
-CODE_PATHS = (Path(text_cleaning.__file__), text_cleaning.STOP_WORDS_FILE)
 # Rows per call: a bound on one request's latency and memory (5,000 rows take ~8 s with MiniLM on 2
 # cores), above the 1,024 rows per call of batch scoring (flows.score's --batch-rows default); larger
 # inputs are split by the caller. Changeable at load (model_config={"max_rows": N}).
@@ -53,6 +52,15 @@ def input_example():
             "description": ["Fine-tune BERT to classify text.", ""],
         }
     )
+
+
+def write_code(folder: Path) -> list[str]:
+    """The files the model's code needs beside pyfunc_model.py: the text cleaning and the stop-word
+    list it was trained with (so that loading needs no scikit-learn)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stop_words = folder / text_cleaning.STOP_WORDS_FILE
+    stop_words.write_text("\n".join(sorted(text_cleaning.STOP_WORDS)) + "\n", encoding="utf-8")
+    return [text_cleaning.__file__, str(stop_words)]
 
 
 def write_artifacts(checkpoint_dir: Path, folder: Path) -> tuple[dict[str, str], dict]:
@@ -109,7 +117,7 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: Path):
                 model_id=logged.model_id,
                 python_model=str(MODEL_CODE),
                 artifacts=artifacts,
-                code_paths=[str(path) for path in CODE_PATHS],
+                code_paths=write_code(Path(folder) / "code"),
                 signature=signature(classes),
                 input_example=input_example(),
                 pip_requirements=pip_requirements(),
