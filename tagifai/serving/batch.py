@@ -35,11 +35,11 @@ from tagifai.serving.batch_io import (
     open_input,
     target_schema,
 )
-from tagifai.serving.loader import without_type_hint_advice
+from tagifai.serving.loader import PROBABILITY_PREFIX, without_type_hint_advice
 from tagifai.settings import ScoreSettings
 from tagifai.tuning.display import format_seconds
 
-PREDICTION, VERSION_COLUMN, PROBABILITY_PREFIX = "prediction", "model_version", "probability_"
+PREDICTION, VERSION_COLUMN = "prediction", "model_version"
 MAX_LISTED_REJECTED = 1000  # ids listed in the summary; the output itself marks every rejected row
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
 
