@@ -45,7 +45,12 @@ def two_node_cluster(auth_env: dict):
     """A head and a worker node, 1 CPU each; yields the head's address and the nodes' temp folder."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))  # short: Ray puts unix sockets under it
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **auth_env)
+    # The replicas are the nodes' workers: they take the nodes' environment, not the driver's. A
+    # model cost per row (0.1 s a batch) keeps input waiting, as with a real model: with a free
+    # model, one replica finishes each batch before the next is read, and Ray Data (which prefers
+    # the replica on the node holding the block) rightly gives it all the work.
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", TAGIFAI_TEST_MODEL_S_PER_ROW="0.0004",
+               **auth_env)  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     common = ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(100 * 1024**2), "--block",
               "--disable-usage-stats"]  # fmt: skip
@@ -84,6 +89,7 @@ def test_the_same_command_on_a_two_node_cluster_spreads_the_work_and_writes_the_
         cluster_output = ["--output", str(tmp_path / "cluster.parquet"), "--results-fp", str(tmp_path / "cluster.json")]
         on_cluster = run_score(tmp_path, *common, *cluster_output, timeout=600, RAY_ADDRESS=address, **auth_env)
     assert on_cluster.returncode == 0, on_cluster.output[-5000:]
+    assert "with 2 model replica(s)" in on_cluster.output, on_cluster.output[-5000:]  # both nodes' CPUs seen
     summary = json.loads((tmp_path / "cluster.json").read_text())
     print("two-node cluster run:", {key: summary[key] for key in ("rows_per_s", "seconds", "rows_by_node")})
     assert summary["engine"] == "ray" and summary["rows_scored"] == 6000
