@@ -29,6 +29,7 @@ from tagifai.lifecycle import tracking
 from tagifai.lifecycle.database import redact
 from tagifai.settings import TuneSettings, user_cache_dir
 from tagifai.tuning import display as progress_display
+from tagifai.tuning import snapshot
 from tagifai.tuning import storage as storage_lib
 from tagifai.tuning.claim import COMPLETE_MARKER, Claim, claim_experiment_dir
 from tagifai.tuning.data_parallel import run_data_parallel_trial
@@ -345,6 +346,8 @@ def tune_hyperparameters(
                     experiment_uri=claim.uri,
                     num_workers=settings.num_workers,
                 )
+                if resumed and (repaired := snapshot.reconcile(claim.uri)):
+                    announce(f"Resuming: {repaired}")
                 tuner = build_tuner(data, settings, claim, tracker, resume=resumed)
                 with worker_output_to(log_file, settings.verbose), progress_display.showing(display):
                     results = tuner.fit()
