@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,6 +40,19 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def use_private_token() -> None:
+    """Token authentication for the head, its workers and this process alike, unless the user chose.
+
+    With RAY_AUTH_MODE unset, Ray 2.60 turns tokens on for `ray start --head` when ~/.ray/auth_token
+    exists (any earlier `ray.init()` on the machine writes one), but not for a driver that joins by
+    address: the flow would be refused by its own head. Both read the mode and the token from this
+    environment, so setting them here (before the head starts) makes them agree; the token is new
+    for each command, and the user's ~/.ray is left as it is."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
 class RayHead:
     """`ray start --head --block` in the background; `stop()` ends it and removes its files."""
 
@@ -54,6 +68,7 @@ class RayHead:
             "--port", self.address.split(":")[1], "--object-store-memory", str(OBJECT_STORE_BYTES),
             "--temp-dir", str(self.temp_dir), "--include-dashboard=false", "--disable-usage-stats",
         ]  # fmt: skip
+        use_private_token()
         env = {**os.environ, **(worker_env or {})}  # the trial workers inherit the head's environment
         env.pop("RAY_ADDRESS", None)
         with open(self.log_path, "wb") as log:
