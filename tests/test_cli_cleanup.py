@@ -4,8 +4,10 @@ terminal's Ctrl-C (SIGINT to its process group). The real CLI in a subprocess, o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 
@@ -17,7 +19,7 @@ from processes import command_line, descendants, still_alive
 SETTLE_S = 15  # SIGKILLed processes vanish when the kernel gets to them: seconds on a loaded machine
 
 
-def watch(command: list[str], log_path, signal_when_training=None, group: bool = False):
+def watch(command: list[str], log_path, signal_when_training=None, group: bool = False, **env: str):
     """Run `command` in a session of its own, noting every process it starts; send the signal (to the
     process, or to its group) once a trial has finished an epoch. Returns (exit code, processes:
     their command lines by (pid, start time))."""
@@ -25,7 +27,7 @@ def watch(command: list[str], log_path, signal_when_training=None, group: bool =
     names: dict[tuple[int, str], str] = {}
     with open(log_path, "w") as log:
         child = subprocess.Popen(
-            command, env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command, env={**environment(), **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     deadline = time.monotonic() + 900
     signalled = False
@@ -60,7 +62,8 @@ def test_nothing_outlives_the_command(tmp_path, tiny_backbone, ending, sig, grou
     # With a signal: a study long enough for it to arrive mid-study, no trial pruned before.
     shape = ["--num-epochs", "2"] if sig is None else ["--num-epochs", "200", "--grace-period", "200"]
     command = console_command(tmp_path, tiny_backbone, "--num-runs", "2", *shape)
-    code, seen = watch(command, tmp_path / "out.txt", sig, group)
+    prefect_home = tmp_path / "prefect-home"  # this run's own Prefect database, read below
+    code, seen = watch(command, tmp_path / "out.txt", sig, group, PREFECT_HOME=str(prefect_home))
     text = (tmp_path / "out.txt").read_text()
     assert (code == 0) == (sig is None), text[-3000:]
     names = list(seen.values())
@@ -69,6 +72,11 @@ def test_nothing_outlives_the_command(tmp_path, tiny_backbone, ending, sig, grou
     assert_nothing_left(seen)
     if sig is None:
         assert "Traceback" not in text and "error:" not in text, text[-3000:]
+        # The flow run's last log line (Prefect's own, after every task) reached Prefect's server
+        # before the exit stopped it.
+        with contextlib.closing(sqlite3.connect(prefect_home / "prefect.db")) as database:
+            flow_logs = database.execute("SELECT message FROM log WHERE task_run_id IS NULL").fetchall()
+        assert ("Finished in state Completed()",) in flow_logs, flow_logs
 
 
 @pytest.mark.integration
