@@ -46,7 +46,7 @@ def one_trial(data, workdir: Path, name: str, num_epochs: int, **resources) -> d
     client = MlflowClient(uri)
     experiment_id = tracking.get_or_create_experiment(client, name, uri)
     started = time.time()
-    tune_hyperparameters(data, settings, uri, experiment_id, data_fingerprint=f"{name}-{started}")
+    tune_hyperparameters(data, settings, uri, experiment_id, data_key=f"{name}-{started}")
     [trial] = mlflow_trials(uri, name)
     epochs = trial["epochs"]
     throughput = [len(data.train.labels) / e["epoch_time_s"] for e in epochs]
