@@ -3,7 +3,8 @@ on a pool of actors that each load the model once, and the driver writes the sco
 parts (tagifai.serving.batch_io), so that output, manifest and completion are those of a local run.
 
 Order: Ray Data is told to preserve it, and the driver cuts the stream into chunks of exactly
-`chunk_rows`, so the output equals a local run's row for row. A resumed run skips writing the
+`chunk_rows`, so the output equals a local run's row for row (probabilities up to float32's last bit:
+a replica with 1 CPU runs the model on 1 thread, which sums in another order). A resumed run skips writing the
 parts it has, but the cluster scores the whole input again (Ray Data has no row offset to start
 from); a local run scores only the missing chunks.
 
