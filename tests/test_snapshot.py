@@ -19,6 +19,8 @@ from ray.tune.search.hyperopt import HyperOptSearch
 
 from tagifai.tuning import snapshot
 
+pytestmark = pytest.mark.slow  # three real Tune studies and their restores: ~30 s
+
 NUM_SAMPLES = 3
 
 
