@@ -109,12 +109,24 @@ def _exit_on_terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _interrupt_without_retries(signum, frame) -> None:
+    """Ctrl-C in a terminal reaches its whole process group, Prefect's temporary server included,
+    which stops at once. The flow then reports its interruption to a server that is gone, and
+    Prefect's client retries each request with back-off (seen: over 6 minutes before the command
+    ended). From here on each request is tried once; then the usual KeyboardInterrupt."""
+    settings_module = sys.modules.get("prefect.settings")  # not imported yet: nothing to report
+    if settings_module is not None:
+        settings_module.get_current_settings().client.max_retries = 0
+    raise KeyboardInterrupt
+
+
 def start_ray_head_early(argv: list[str]) -> None:
     """For a command that will run a Ray study, before its imports: start a local Ray head as a child
     process (tagifai/tuning/head.py), which the study joins, and Prefect's temporary server from a
     thread (command_line_run waits for it), so that both come up while the command imports torch,
     transformers and MLflow. Nothing when $RAY_ADDRESS names a cluster or the command only shows
-    help. SIGTERM then ends the command as an exit would, so both are stopped either way."""
+    help. SIGTERM then ends the command as an exit would, so both are stopped either way; so does
+    Ctrl-C, without waiting on the server it also stopped."""
     global _early_ray_head, _early_prefect_server
     if _early_ray_head or os.environ.get("RAY_ADDRESS") or {"-h", "--help"} & set(argv):
         return
@@ -122,6 +134,7 @@ def start_ray_head_early(argv: list[str]) -> None:
     from tagifai.tuning.ray_output import QUIET_WORKER_ENV
 
     signal.signal(signal.SIGTERM, _exit_on_terminate)
+    signal.signal(signal.SIGINT, _interrupt_without_retries)
     _early_ray_head = RayHead(None if "--verbose" in argv else QUIET_WORKER_ENV)
     os.environ[HEAD_ADDRESS_ENV] = _early_ray_head.address
     atexit.register(stop_ray_head)  # an exit before command_line_run (a bad option) stops it too

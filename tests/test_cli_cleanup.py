@@ -15,6 +15,7 @@ import pytest
 from test_console import console_command, environment
 
 from processes import command_line, descendants, still_alive
+from tagifai.tuning.claim import COMPLETE_MARKER
 
 SETTLE_S = 15  # SIGKILLed processes vanish when the kernel gets to them: seconds on a loaded machine
 
@@ -70,6 +71,9 @@ def test_nothing_outlives_the_command(tmp_path, tiny_backbone, ending, sig, grou
     assert any("ray.scripts.scripts" in name and "--head" in name for name in names)  # the early head ran
     assert any("raylet" in name for name in names) and any("uvicorn" in name for name in names)
     assert_nothing_left(seen)
+    # An interrupted study is not recorded as finished (Tune's own Ctrl-C handler, which ends a
+    # study "gracefully", would have had it summarised and marked complete): the next run resumes it.
+    assert bool(list((tmp_path / "ray_results").rglob(COMPLETE_MARKER))) == (sig is None)
     if sig is None:
         assert "Traceback" not in text and "error:" not in text, text[-3000:]
         # The flow run's last log line (Prefect's own, after every task) reached Prefect's server

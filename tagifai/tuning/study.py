@@ -332,6 +332,10 @@ def tune_hyperparameters(
         # A worker reused for the next trial first waits for the stopped trial's thread; trials
         # leave within one batch (trial.stop_requested), which can exceed Tune's 2 s on a slow CPU.
         os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+        # Tune's own Ctrl-C handler ends fit() "gracefully" and returns: the study would then be
+        # summarised and marked complete with its trials cut short. Without it, Ctrl-C interrupts
+        # fit() like any kill, and the next run resumes the study.
+        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
         log_file = local_study_dir(claim) / RAY_LOG_FILE
         if not settings.verbose:
             announce(f"Ray and trial logs: {log_file}")
