@@ -198,6 +198,7 @@ def prepare_job(settings: ScoreSettings, tracking_uri: str, emit: Callable[[str]
              f"is now version {model_ref.version}); --overwrite starts over with it")  # fmt: skip
         model_ref = resolve_model(settings.model_uri, tracking_uri, pinned_version=previous["model_version"])
         model = load_model(model_ref.load_uri, tracking_uri)
+        probabilities = probability_columns(model)  # the pinned version's tags may differ from today's
     schema = target_schema(source, columns)
     job = ScoringJob(settings, tracking_uri, source, columns, schema, model_ref, probabilities, total_rows, store,
                      store.done_parts())  # fmt: skip

@@ -22,8 +22,8 @@ MODEL_NAME = "model"  # the logged model's name in its run
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 # Rows per call: a bound on one request's latency and memory (5,000 rows take ~8 s with MiniLM on 2
 # cores), above the 1,024 rows per call of batch scoring (flows.score's --batch-rows default); larger
-# inputs are split by the caller. Changeable at load (model_config={"max_rows": N}).
-# Stored in classes.json, not as MLflow's model_config, which MLflow would also log as run params.
+# inputs are split by the caller. Stored in classes.json, not as MLflow's model_config, which MLflow
+# would also log as run params (and without which MLflow ignores a model_config given at load).
 MAX_ROWS = 5_000
 # What loading needs, pinned to the versions it was logged and tested with.
 REQUIREMENTS = ("mlflow", "onnxruntime", "tokenizers", "numpy", "pandas")

@@ -7,7 +7,7 @@ This project never imports this file; tagifai/serving/packaging.py logs it.
 The contract (README, "The registered MLflow Model"):
 - input: a pandas DataFrame with string columns `title` and `description` (description may be
   empty); a missing column is an error that names it; at most `max_rows` rows per call (set at
-  logging in classes.json; a load can change it: `load_model(uri, model_config={"max_rows": N})`);
+  logging in classes.json);
 - output: a DataFrame, one row per input row in input order: `prediction` (the tag), then
   `probability_<tag>` (float) for every tag, in the model's class order.
 Bad input raises MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers
@@ -48,14 +48,15 @@ class TagClassifier(PythonModel):
         from tokenizers import Tokenizer
 
         config = json.loads(Path(context.artifacts["classes"]).read_text())
-        graph = Path(context.artifacts["onnx_model"])
-        if "onnx_sha256" in config and hashlib.sha256(graph.read_bytes()).hexdigest() != config["onnx_sha256"]:
+        graph_path = Path(context.artifacts["onnx_model"])
+        graph = graph_path.read_bytes()  # read once: checked here, then handed to ONNX Runtime
+        if "onnx_sha256" in config and hashlib.sha256(graph).hexdigest() != config["onnx_sha256"]:
             raise MlflowException(
-                f"the model's graph {graph.name} is corrupted (its sha256 differs from the logged one)"
+                f"the model's graph {graph_path.name} is corrupted (its sha256 differs from the logged one)"
             )
         self.classes = list(config["classes"])
         self.pad_token_id = int(config["pad_token_id"])
-        self.max_rows = int((context.model_config or {}).get("max_rows", config["max_rows"]))
+        self.max_rows = int(config["max_rows"])
         self.project_texts = project_texts
         # The same tokenization as transformers' fast tokenizer with truncation=True,
         # max_length=max_length (tests/test_mlflow_model.py compares the ids).
@@ -63,11 +64,8 @@ class TagClassifier(PythonModel):
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(int(config["max_length"]))
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = int((context.model_config or {}).get("threads", 0))  # 0: ONNX Runtime's choice
         options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(
-            context.artifacts["onnx_model"], options, providers=["CPUExecutionProvider"]
-        )
+        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def checked_texts(self, model_input) -> tuple[list[str], list[str]]:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -4,7 +4,7 @@ parts (tagifai.serving.batch_io), so that output, manifest and completion are th
 
 Order: Ray Data is told to preserve it, and the driver cuts the stream into chunks of exactly
 `chunk_rows`, so the output equals a local run's row for row (probabilities up to float32's last bit:
-a replica with 1 CPU runs the model on 1 thread, which sums in another order). A resumed run skips writing the
+a replica's batches group rows differently, and a batch is padded to its longest row). A resumed run skips writing the
 parts it has, but the cluster scores the whole input again (Ray Data has no row offset to start
 from); a local run scores only the missing chunks.
 
