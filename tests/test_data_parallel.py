@@ -117,6 +117,7 @@ def relative_gap(a: list[dict], b: list[dict], key: str) -> float:
     return max(abs(x[key] - y[key]) / abs(y[key]) for x, y in zip(a, b))
 
 
+@pytest.mark.slow  # two gloo worker processes: ~18 s
 def test_two_workers_train_like_one(tiny_data):
     """Same seed, same global batches, dropout 0: 2 DDP workers must report the per-epoch training
     loss of 1 worker, up to float32 rounding.
