@@ -1,0 +1,117 @@
+"""Prefect's temporary server for a command-line run, started as a process at the command's first line.
+
+With no Prefect server configured, Prefect starts a temporary one at a flow's first API call: its
+server app under uvicorn on a free loopback port, stopped at exit. Prefect imports its server
+module in the command's own process to do so (3.5 s, holding the GIL while the command imports
+torch and transformers; measured in benchmarks/cli_run.py). Here the same server command starts
+before those imports, so its imports run on the other core, and the flow is pointed at it with
+PREFECT_API_URL, like any server. It stops when the command exits, after Prefect's own exit handlers
+(registered later, so run earlier) have sent their last events and logs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+STARTUP_FAILURE_EXIT_CODE = 3  # uvicorn's, for a port taken after we chose it (or any failed start)
+MAX_LAUNCHES = 3  # a port race is rare; three failed starts in a row are a real failure
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def needs_temporary_server() -> bool:
+    """Whether Prefect would start a temporary server for this command: no API URL in the user's
+    settings (environment, profile, prefect.toml) and ephemeral mode allowed."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    return not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
+
+
+class TemporaryPrefectServer:
+    """Prefect's own server command (the one its temporary server runs) as a child process."""
+
+    def __init__(self, extra_env: Optional[dict[str, str]] = None):
+        from prefect.settings import get_current_settings
+
+        # What Prefect gives its temporary server: the user's settings, no UI, the ephemeral flag
+        # (no background services), and the CLI's defaults where the user set nothing.
+        self.env = {
+            **(extra_env or {}),
+            **os.environ,
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        self.process: Optional[subprocess.Popen] = None
+        self.launches = 0
+        self._launch()
+        atexit.register(self.stop)
+
+    def _launch(self) -> None:
+        import prefect
+
+        self.port = _free_port()
+        self.launches += 1
+        command = [
+            sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+            "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=self.env)
+        # The flow, Prefect's background workers (threads) and any child process find it here.
+        os.environ["PREFECT_API_URL"] = self.api_url
+        if "prefect.context" in sys.modules:  # Prefect's settings already read the environment
+            sys.modules["prefect.context"].refresh_global_settings_context()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def wait_until_healthy(self, timeout_s: float) -> None:
+        """Return once the server answers its health check; start it again on another port if it
+        could not start (its port may have been taken meanwhile), up to MAX_LAUNCHES starts; raise
+        RuntimeError if it exits otherwise, fails every start, or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.process.poll()
+            if status == STARTUP_FAILURE_EXIT_CODE and self.launches < MAX_LAUNCHES:
+                self._launch()
+                continue
+            if status is not None:
+                raise RuntimeError(
+                    f"Prefect's temporary server exited with status {status} after {self.launches} start(s) "
+                    "(its output is above)"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"Prefect's temporary server did not answer on {self.api_url} within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """Terminate the server and wait for it (5 s, then kill), as Prefect stops its own."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
