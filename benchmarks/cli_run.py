@@ -119,9 +119,7 @@ def prefect_phases(prefect_home: Path) -> dict:
 
 def prefect_server_start(log_path: Path, started: float) -> Optional[float]:
     """When Prefect began starting its temporary server (its own log line, local time of day): the
-    end of the CLI's imports. None when the run used a running server or the line is not there, as
-    for `python -m flows.tune` since it starts the server itself at its first line
-    (flows/temporary_server.py): its imports are then part of `prefect_start_and_flow_run`."""
+    end of the CLI's imports. None when the run used a running server or the line is not there."""
     pattern = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) \| INFO +\| prefect - Starting temporary server")
     day = datetime.fromtimestamp(started).replace(hour=0, minute=0, second=0, microsecond=0)
     for line in log_path.read_text(errors="replace").splitlines():

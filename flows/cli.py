@@ -23,8 +23,6 @@ Settings = TypeVar("Settings", bound=BaseModel)
 # For command-line runs without a Prefect server: the temporary server Prefect starts can take
 # over its 20 s default to come up on a busy 2-core machine, and it cannot phone home offline.
 CLI_PREFECT_DEFAULTS = {"server.ephemeral.startup_timeout_seconds": 180, "server.analytics_enabled": False}
-CLI_PREFECT_SERVER_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # the same, where the user set nothing
-SERVER_STARTUP_TIMEOUT_S = CLI_PREFECT_DEFAULTS["server.ephemeral.startup_timeout_seconds"]
 
 
 def _cli_type(annotation: Any):
@@ -104,7 +102,7 @@ class _HideUserErrorTracebacks(logging.Filter):
 
 
 _early_ray_head = None  # the RayHead started by start_ray_head_early, until stop_ray_head
-_early_prefect_server = None  # the TemporaryPrefectServer started by start_ray_head_early
+_early_prefect_server: Optional[threading.Thread] = None  # starting Prefect's temporary server
 
 
 def _exit_on_terminate(signum, frame) -> None:
@@ -123,17 +121,15 @@ def _interrupt_without_retries(signum, frame) -> None:
 
 
 def start_ray_head_early(argv: list[str]) -> None:
-    """For a command that will run a Ray study, before its imports: start a local Ray head
-    (tagifai/tuning/head.py), which the study joins, and Prefect's temporary server
-    (flows/temporary_server.py; command_line_run waits for it), both as child processes, so that
-    they come up while the command imports torch, transformers and MLflow. Nothing when $RAY_ADDRESS
-    names a cluster or the command only shows help; no server when one is configured. SIGTERM then
-    ends the command as an exit would, so both are stopped either way; so does Ctrl-C, without
-    waiting on the server it also stopped."""
+    """For a command that will run a Ray study, before its imports: start a local Ray head as a child
+    process (tagifai/tuning/head.py), which the study joins, and Prefect's temporary server from a
+    thread (command_line_run waits for it), so that both come up while the command imports torch,
+    transformers and MLflow. Nothing when $RAY_ADDRESS names a cluster or the command only shows
+    help. SIGTERM then ends the command as an exit would, so both are stopped either way; so does
+    Ctrl-C, without waiting on the server it also stopped."""
     global _early_ray_head, _early_prefect_server
     if _early_ray_head or os.environ.get("RAY_ADDRESS") or {"-h", "--help"} & set(argv):
         return
-    from flows.temporary_server import TemporaryPrefectServer, needs_temporary_server
     from tagifai.tuning.head import HEAD_ADDRESS_ENV, RayHead
     from tagifai.tuning.ray_output import QUIET_WORKER_ENV
 
@@ -142,8 +138,26 @@ def start_ray_head_early(argv: list[str]) -> None:
     _early_ray_head = RayHead(None if "--verbose" in argv else QUIET_WORKER_ENV)
     os.environ[HEAD_ADDRESS_ENV] = _early_ray_head.address
     atexit.register(stop_ray_head)  # an exit before command_line_run (a bad option) stops it too
-    if needs_temporary_server():
-        _early_prefect_server = TemporaryPrefectServer(CLI_PREFECT_SERVER_ENV)
+    _early_prefect_server = threading.Thread(
+        target=_start_temporary_prefect_server, args=("--verbose" in argv,), daemon=True
+    )
+    _early_prefect_server.start()
+
+
+def _start_temporary_prefect_server(verbose: bool) -> None:
+    """What Prefect does at a flow's first API call without a server (and only then); a failure here
+    is left for that call to meet and report."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    with temporary_settings(set_defaults=CLI_PREFECT_DEFAULTS):
+        if not verbose:
+            quiet_console()
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            return
+        from prefect.server.api.server import SubprocessASGIServer
+
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()  # Prefect's own, stopped by Prefect at exit
 
 
 def stop_ray_head() -> None:
@@ -180,11 +194,7 @@ def command_line_run(verbose: bool = False):
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if _early_prefect_server is not None:
-        try:
-            _early_prefect_server.wait_until_healthy(SERVER_STARTUP_TIMEOUT_S)
-        except RuntimeError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
+        _early_prefect_server.join()
     no_tracebacks = _HideUserErrorTracebacks()
     run_loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
     for run_logger in run_loggers:

@@ -67,7 +67,7 @@ def start_session_prefect_server() -> None:
     it migrates its new database (~8 s of its 12 s start on 2 cores) while the test modules import.
     Only this process is pointed at it; a command a test starts as a child process starts its own
     server, as a user's command does."""
-    from flows.temporary_server import TemporaryPrefectServer
+    from prefect_server import TemporaryPrefectServer
 
     os.environ.pop("PREFECT_API_URL", None)
     SESSION_PREFECT_SERVER.append(TemporaryPrefectServer())

@@ -1,8 +1,8 @@
-"""The command line's own start of Prefect's temporary server (flows/temporary_server.py): a port
+"""The test session's own start of Prefect's temporary server (tests/prefect_server.py): a port
 taken between choosing it and the server binding it (the race Prefect's own start also handles)
-moves the server to another port, Prefect in the command follows it, and a server that cannot
-start at all ends in a clear error after a few tries rather than the 180 s start-up timeout. Each
-case runs in a fresh process: the server points that process's Prefect settings at itself."""
+moves the server to another port, Prefect in the process follows it, and a server that cannot
+start at all is an error after a few tries rather than the 180 s start-up timeout. Each case runs
+in a fresh process: the server points that process's Prefect settings at itself."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 PORT_TAKEN_FIRST = """
 import os, socket
-from flows import temporary_server
+import prefect_server as temporary_server
 
 taken = socket.socket()
 taken.bind(("127.0.0.1", 0))
@@ -41,7 +41,7 @@ print("stopped", process.poll() is not None)
 """
 
 CANNOT_START = """
-from flows.temporary_server import TemporaryPrefectServer
+from prefect_server import TemporaryPrefectServer
 
 server = TemporaryPrefectServer()
 try:
@@ -53,7 +53,9 @@ except RuntimeError as error:
 
 def run_script(script: str, tmp_path, **env) -> str:
     environment = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    environment.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"), **env)
+    environment.update(
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), PREFECT_HOME=str(tmp_path / "prefect-home"), **env
+    )
     done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout

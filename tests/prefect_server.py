@@ -1,18 +1,24 @@
-"""Prefect's temporary server for a command-line run, started as a process at the command's first line.
+"""Prefect's temporary server started as its own process: the test session's server (conftest.py).
 
 With no Prefect server configured, Prefect starts a temporary one at a flow's first API call: its
-server app under uvicorn on a free loopback port, stopped at exit. Prefect imports its server
-module in the command's own process to do so (3.5 s, holding the GIL while the command imports
-torch and transformers; measured in benchmarks/cli_run.py). Here the same server command starts
-before those imports, so its imports run on the other core, and the flow is pointed at it with
-PREFECT_API_URL, like any server. It stops when the command exits, after Prefect's own exit handlers
-(registered later, so run earlier) have sent their last events and logs.
+server app under uvicorn on a free loopback port, stopped at exit. The test session starts the same
+server command itself when pytest starts, so that the server migrates its new database (~8 s)
+while the test modules are collected, and points the test process's Prefect at it with
+PREFECT_API_URL, like any server. It stops when the session ends.
+
+Tried for `python -m flows.tune` too (started at the command's first line instead of Prefect's
+start from a thread): 2.7 s less from process start to flow run (median of 3 interleaved pairs,
+benchmarks/RESULTS.md "Fixed cost"), reverted before landing: in one CI run a command-line test
+spent 8 minutes after writing its results, not reproduced in four tries, and not explained yet.
+Ports come from 8000-8999, as Prefect chooses them, away from the ephemeral ports Ray's processes
+pick while they start.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,15 +31,24 @@ STARTUP_FAILURE_EXIT_CODE = 3  # uvicorn's, for a port taken after we chose it (
 MAX_LAUNCHES = 3  # a port race is rare; three failed starts in a row are a real failure
 
 
+PORTS = [port for port in range(8000, 9000) if port != 8265]  # Prefect's range, less Ray's dashboard port
+
+
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    for _ in range(50):
+        port = random.choice(PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 8000-8999 for Prefect's temporary server")
 
 
 def needs_temporary_server() -> bool:
-    """Whether Prefect would start a temporary server for this command: no API URL in the user's
-    settings (environment, profile, prefect.toml) and ephemeral mode allowed."""
+    """Whether Prefect would start a temporary server here: no API URL in the settings (environment,
+    profile, prefect.toml) and ephemeral mode allowed."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     return not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
