@@ -46,24 +46,15 @@ def _free_port() -> int:
     raise RuntimeError("no free port in 8000-8999 for Prefect's temporary server")
 
 
-def needs_temporary_server() -> bool:
-    """Whether Prefect would start a temporary server here: no API URL in the settings (environment,
-    profile, prefect.toml) and ephemeral mode allowed."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    return not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
-
-
 class TemporaryPrefectServer:
     """Prefect's own server command (the one its temporary server runs) as a child process."""
 
-    def __init__(self, extra_env: Optional[dict[str, str]] = None):
+    def __init__(self):
         from prefect.settings import get_current_settings
 
-        # What Prefect gives its temporary server: the user's settings, no UI, the ephemeral flag
-        # (no background services), and the CLI's defaults where the user set nothing.
+        # What Prefect gives its temporary server: the settings, no UI, and the ephemeral flag (no
+        # background services).
         self.env = {
-            **(extra_env or {}),
             **os.environ,
             **get_current_settings().to_environment_variables(exclude_unset=True),
             "PREFECT_UI_ENABLED": "0",
