@@ -293,6 +293,33 @@ def _trial_row(trial: dict, started: float) -> dict:
     return row
 
 
+def cpu_split(sampler, started: float, exited: float, trials: list[dict], cores: int, fixed_cost_s: float) -> dict:
+    """How busy the machine's cores were outside the study (before the first epoch, after the last)
+    and in it. `fixed_cost_cpu_floor_s` is the busy core-seconds outside the study over the cores:
+    the fixed cost no reordering of the same work can go below (only less work can), on a machine
+    that runs nothing else. `busy_share_outside_study` near 1 means the fixed cost is CPU-bound."""
+    spans = [(e["end"] - e["epoch_time_s"], e["end"]) for t in trials for e in t["epochs"]]
+    first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    before, study, after = (sampler.busy_core_s(a, b) for a, b in ((started, first), (first, last), (last, exited)))
+    return {
+        "busy_core_s": {"before_first_epoch": before, "study": study, "after_last_epoch": after},
+        "busy_share": {
+            "before_first_epoch": before / (cores * (first - started)),
+            "study": study / (cores * (last - first)),
+            "after_last_epoch": after / (cores * (exited - last)),
+        },
+        "busy_share_outside_study": (before + after) / (cores * fixed_cost_s),
+        "fixed_cost_cpu_floor_s": (before + after) / cores,
+        "cpu_s_by_role": {
+            "before_first_epoch": sampler.cpu_by_role(started, first),
+            "study": sampler.cpu_by_role(first, last),
+            "after_last_epoch": sampler.cpu_by_role(last, exited),
+        },
+        "processes_before_first_epoch": sampler.processes(started, first),
+        "source": "machine-wide /proc/stat busy ticks, sampled every 0.25 s; per process utime + stime",
+    }
+
+
 def child_env(workdir: Path) -> dict:
     """The environment of a new user's run: a local Ray, a SQLite MLflow store, Prefect's
     temporary server, a private Prefect home, and a private cache for the exported graph."""
@@ -379,7 +406,7 @@ def run_cli(
     with open(log_path, "w") as log:
         started = time.time()
         child = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-        sampler = TreeSampler(child.pid)
+        sampler = TreeSampler(child.pid, interval_s=0.25)
         sampler.start()
         code = child.wait()
         exited = time.time()
@@ -396,6 +423,7 @@ def run_cli(
     if "study_s" in result:
         result["fixed_cost_s"] = result["wall_s"] - result["study_s"]
         result["fixed_cost_over_import_baseline"] = result["fixed_cost_s"] / baseline
+        result["cpu"] = cpu_split(sampler, started, exited, trials, cores, result["fixed_cost_s"])
     result.update(
         import_baseline_s=baseline,
         import_baseline_runs_s=baseline_runs,

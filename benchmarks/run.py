@@ -209,6 +209,16 @@ def print_tuning(name: str, tune: dict, width: int) -> None:
                 (tune.get("trial_compute_s"), tune.get("trial_compute_core_s")),
                 "{:.1f} ({:.1f})",
             ),
+            (
+                "fixed cost CPU floor s (busy core-s / cores)",
+                tune.get("cpu", {}).get("fixed_cost_cpu_floor_s"),
+                "{:.1f}",
+            ),
+            (
+                "cores busy before the first epoch (share)",
+                tune.get("cpu", {}).get("busy_share", {}).get("before_first_epoch"),
+                "{:.2f}",
+            ),
             ("CLI core utilisation", tune.get("cli_core_utilisation"), "{:.2f}"),
             ("study-only core utilisation", tune.get("study_core_utilisation"), "{:.2f}"),
             ("test F1", tune.get("test_f1"), "{:.3f}"),
@@ -218,6 +228,8 @@ def print_tuning(name: str, tune: dict, width: int) -> None:
     cores = tune.get("usable_cores", 1)
     for part, core_s in tune.get("idle_breakdown_core_s", {}).items():
         print(f"    idle: {part:<{width - 10}}  {core_s:6.1f} core-s ({core_s / cores:.1f} s of wall x {cores} cores)")
+    for role, seconds in tune.get("cpu", {}).get("cpu_s_by_role", {}).get("before_first_epoch", {}).items():
+        print(f"    CPU before first epoch: {role:<{width - 24}}  {seconds:6.1f} s")
     for label, key in (("before first epoch", "before_first_epoch_s"), ("after last epoch", "after_last_epoch_s")):
         for part, seconds in tune.get(key, {}).items():
             if isinstance(seconds, (int, float)):

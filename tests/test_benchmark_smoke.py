@@ -272,3 +272,31 @@ def test_fma_table_and_measured_clock():
     assert per_cycle({"avx"}) == 16
     clock = measured_clock_ghz(repeats=5, loops=100_000)
     assert clock is None or 0.3 < clock < 8.0, clock
+
+
+def test_cpu_accounting_by_window_and_role():
+    """benchmarks/proctree.py: machine busy core-seconds between two moments, and each role's CPU in
+    a window, from synthetic /proc samples (a process that ended keeps its last count)."""
+    from benchmarks.proctree import CLOCK_TICKS, TreeSampler, role_of
+
+    assert role_of("/v/bin/python -m flows.tune --num-runs 4") == "driver (the command)"
+    # Options name other processes (a worker's --raylet-name): the program and script decide.
+    assert role_of("/v/python /v/ray/_private/workers/default_worker.py --raylet-name=/tmp/raylet") == (
+        "Ray workers (trials)"
+    )
+    assert role_of("/v/ray/core/src/ray/raylet/raylet --python_worker_command=default_worker.py") == "Ray raylet"
+    assert role_of("/v/python -m uvicorn --factory prefect.server.api.server:create_app") == "Prefect server"
+
+    sampler = TreeSampler(root=0)
+    sampler.busy = [(0.0, 0), (1.0, 2 * CLOCK_TICKS), (2.0, 3 * CLOCK_TICKS), (3.0, 3 * CLOCK_TICKS)]
+    assert sampler.busy_core_s(0.0, 2.0) == pytest.approx(3.0)
+    assert sampler.busy_core_s(2.0, 3.0) == pytest.approx(0.0)
+    sampler.commands = {1: "/v/python -m flows.tune", 2: "ray::IDLE", 3: "ray::IDLE"}
+    sampler.ticks = [
+        (0.0, {1: 0, 2: 0}),
+        (1.0, {1: CLOCK_TICKS, 2: CLOCK_TICKS, 3: CLOCK_TICKS}),
+        (2.0, {1: 2 * CLOCK_TICKS, 3: 0}),  # 2 has ended; 3 reads 0 as a zombie
+    ]
+    assert sampler.cpu_by_role(0.0, 1.0) == {"Ray workers (trials)": 2.0, "driver (the command)": 1.0}
+    assert sampler.cpu_by_role(1.0, 2.0) == {"driver (the command)": 1.0, "Ray workers (trials)": 0.0}
+    assert [row["cpu_s"] for row in sampler.processes(0.0, 2.0)] == [2.0, 1.0, 1.0]
