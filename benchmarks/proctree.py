@@ -212,20 +212,6 @@ class LoadSampler(threading.Thread):
             self.loads.append(os.getloadavg()[0])
             self._halt.wait(self.interval_s)
 
-    def processes(self, start: float, end: float) -> list[dict]:
-        """Per process of the tree: its role and CPU seconds between two moments, then in all."""
-        before, after, total = self._ticks_at(start), self._ticks_at(end), self._ticks_at(float("inf"))
-        rows = [
-            {
-                "pid": pid,
-                "role": role_of(self.commands.get(pid, "?")),
-                "cpu_s_in_window": (after.get(pid, 0) - before.get(pid, 0)) / CLOCK_TICKS,
-                "cpu_s": ticks / CLOCK_TICKS,
-            }
-            for pid, ticks in total.items()
-        ]
-        return sorted(rows, key=lambda row: -row["cpu_s"])
-
     def stop(self) -> dict:
         self._halt.set()
         self.join()
