@@ -211,13 +211,16 @@ def command_line_run(verbose: bool = False):
 
 
 def exit_after_results(code: int = 0) -> NoReturn:
-    """End a command whose results are written: what the interpreter's exit does for us (join the
-    threads, run the exit handlers: Prefect's log and event workers drain, its temporary server and
-    the Ray head stop), then leave without tearing down every module one by one (seconds with torch,
-    transformers, Ray and MLflow loaded, measured in benchmarks/cli_run.py; nothing is left to save)."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    """End a command whose results are written: what the interpreter's exit does for us, in its
+    order (threading's exit hooks, then join the threads, then the exit handlers: Prefect's log and
+    event workers drain, its temporary server and the Ray head stop), then leave without tearing down
+    every module one by one (seconds with torch, transformers, Ray and MLflow loaded, measured in
+    benchmarks/cli_run.py; nothing is left to save)."""
+    # threading's exit hooks first: they tell idle ThreadPoolExecutor workers (MLflow's artifact
+    # repositories keep such pools alive) and Prefect's workers to finish; joining the threads
+    # without them waited forever on a pool worker (seen in CI). `_shutdown` is the function the
+    # interpreter itself calls at exit (CPython 3.10-3.13).
+    threading._shutdown()  # type: ignore[attr-defined]
     if "prefect.logging.handlers" in sys.modules:
         # The run's last log lines go to Prefect's server while it is up: the exit handlers stop the
         # server before logging's own shutdown flushes them, which then waits its 5 s timeout for
