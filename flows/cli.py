@@ -212,14 +212,13 @@ def command_line_run(verbose: bool = False):
 
 def exit_after_results(code: int = 0) -> NoReturn:
     """End a command whose results are written: what the interpreter's exit does for us, in its
-    order (threading's exit hooks, then join the threads, then the exit handlers: Prefect's log and
-    event workers drain, its temporary server and the Ray head stop), then leave without tearing down
-    every module one by one (seconds with torch, transformers, Ray and MLflow loaded, measured in
-    benchmarks/cli_run.py; nothing is left to save)."""
-    # threading's exit hooks first: they tell idle ThreadPoolExecutor workers (MLflow's artifact
-    # repositories keep such pools alive) and Prefect's workers to finish; joining the threads
-    # without them waited forever on a pool worker (seen in CI). `_shutdown` is the function the
-    # interpreter itself calls at exit (CPython 3.10-3.13).
+    order (threading's exit hooks: thread pools finish, Prefect's log and event workers drain; then
+    the threads are joined; then the exit handlers: Prefect's temporary server and the Ray head
+    stop), then leave without tearing down every module one by one (seconds with torch,
+    transformers, Ray and MLflow loaded, measured in benchmarks/cli_run.py; nothing is left to save)."""
+    # Joining the threads without those hooks waited forever on an idle pool worker that an MLflow
+    # artifact repository kept alive (seen in CI). `_shutdown` is what the interpreter's own exit
+    # calls: the hooks, then the join.
     threading._shutdown()  # type: ignore[attr-defined]
     if "prefect.logging.handlers" in sys.modules:
         # The run's last log lines go to Prefect's server while it is up: the exit handlers stop the

@@ -18,20 +18,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 COMMAND = """
-import atexit, concurrent.futures, threading, time
+import atexit, concurrent.futures, os, threading, time
 from flows.cli import exit_after_results
+
+def say(line):  # one write(2) per line: print() from two threads can interleave its text and newline
+    os.write(1, (line + "\\n").encode())
 
 pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # held, as MLflow's repositories hold theirs
 pool.submit(time.sleep, 0).result()  # its worker thread exists and now waits for work
-print("results written", flush=True)
-pool.submit(lambda: (time.sleep({pool_work_s}), print("pool work done", flush=True)))
+say("results written")
+pool.submit(lambda: (time.sleep({pool_work_s}), say("pool work done")))
 
 def late_thread():
     time.sleep({thread_s})
-    print("thread done", flush=True)
+    say("thread done")
 
 threading.Thread(target=late_thread).start()
-atexit.register(lambda: print("exit handler ran", flush=True))
+atexit.register(lambda: say("exit handler ran"))
 exit_after_results(3)
 """
 
